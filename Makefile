@@ -1,0 +1,34 @@
+# The README's commands. `make run` and `make test` create .venv through `setup` when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+# Ultralytics writes a settings file; keep it inside the project, not in the user's home.
+export YOLO_CONFIG_DIR := $(abspath $(VENV))/ultralytics-config
+
+.PHONY: setup run test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+# pip (not uv/poetry): only pip picks torch 2.14.1 / torchvision 0.29.1 from the machines' local disk.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
+	touch $@
+
+run: setup
+	dvc repro
+
+test: setup
+	pytest
+
+test-fast: setup
+	pytest -m "not slow"
+
+lint: setup
+	ruff check pipeline flows tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Prefect flows that compose the pipeline's stages. No domain logic lives here."""

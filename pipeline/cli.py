@@ -1,0 +1,137 @@
+"""`detflow` command line: one thin entry per stage. Read params, call the library, write outputs atomically.
+
+Library code raises; only this module turns errors into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.errors import ConfigError, DetflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="detflow: transfer-learning detection pipeline for medical imaging.")
+assets_app = typer.Typer(no_args_is_help=True, help="List and fetch named assets (datasets, weights).")
+app.add_typer(assets_app, name="assets")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.epochs=3 (repeatable)")]
+MirrorOpt = Annotated[list[Path] | None, typer.Option("--mirror", help="asset mirror folder (repeatable); "
+                                                      "default: $DETFLOW_ASSETS")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - Params, imported lazily
+    from pipeline.config import load_params
+
+    return load_params(path, overrides or [])
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and os.environ.get("DETFLOW_NO_PROGRESS", "") in ("", "0")
+
+
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/raw/phantom"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the synthetic chest-CT phantom (DICOM + box CSV), deterministic for its params."""
+    from pipeline.data.phantom import generate_phantom
+
+    p = _params(params, set_)
+    summary = generate_phantom(p.phantom, out, progress=_progress(quiet))
+    typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
+               f"({summary.n_empty_slices} without nodules), {summary.n_boxes} boxes -> {out}")
+
+
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    report: Annotated[Path, typer.Option(help="validation report")] = Path("reports/data_validation.json"),
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    phantom_dir: Annotated[Path, typer.Option(help="phantom folder")] = Path("data/raw/phantom"),
+    mirror: MirrorOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Validate, split by patient and write the canonical dataset (YOLO layout, COCO JSON, manifest)."""
+    from pipeline.data.prepare import prepare_dataset
+
+    p = _params(params, set_)
+    result = prepare_dataset(p, out, report, raw_dir=raw_dir, phantom_dir=phantom_dir, mirrors=mirror,
+                             progress=_progress(quiet))
+    s = result.report["summary"]
+    splits = ", ".join(f"{k} {result.split_counts.get(k, 0)}" for k in ("train", "val", "test"))
+    typer.echo(f"prepare: {result.n_images} images ({splits}), {result.n_boxes} boxes; "
+               f"{s['images_quarantined']} quarantined, {s['boxes_dropped']} boxes dropped, {s['fixed']} fixed "
+               f"-> {out} (report {report})")
+
+
+@assets_app.command("list")
+def assets_list(
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    mirror: MirrorOpt = None,
+    verify: Annotated[bool, typer.Option(help="verify checksums (slower)")] = False,
+) -> None:
+    """Show every named asset, its license and where it is available."""
+    from pipeline import assets
+
+    for row in assets.list_assets(raw_dir=raw_dir, mirrors=mirror, verify=verify):
+        typer.echo(f"{row['name']:<14} {row['kind']:<4} {row['license']:<10} "
+                   f"{'available' if row['available'] else 'NOT AVAILABLE'}  {row['url']}")
+        for loc in row["locations"]:
+            typer.echo(f"{'':<16}{loc['where']:<7} {loc['status']:<8} {loc['path']}")
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    name: str,
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    mirror: MirrorOpt = None,
+    trust: Annotated[bool, typer.Option(help="accept an asset without a pinned checksum")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Materialise an asset under data/raw/NAME (verified), ready for `dvc add`."""
+    from pipeline import assets
+
+    path = assets.fetch(name, raw_dir=raw_dir, mirrors=mirror, trust=trust, progress=_progress(quiet))
+    typer.echo(f"{name}: {path}")
+
+
+def main() -> None:
+    """Console entry: user errors become one clear message and exit 2 (bad params) or 1, never a traceback."""
+    logging.basicConfig(level=os.environ.get("DETFLOW_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(2)
+    except DetflowError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True, fg="red")
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit | click.exceptions.Abort):
+            sys.exit(getattr(e, "exit_code", 1))
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed pipeline parameters: load ``params.yaml``, apply ``--set section.key=value`` overrides, validate.
+
+Unknown keys and bad values fail loudly, naming the allowed values, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomParams(_Section):
+    patients: int = Field(24, ge=1, le=10_000)
+    slices: int = Field(8, ge=1, le=512)
+    size: int = Field(256, ge=64, le=2048)
+    seed: int = 0
+    max_nodules: int = Field(3, ge=0, le=20)
+    min_radius: int = Field(3, ge=1)
+    max_radius: int = Field(15, ge=1)
+    empty_fraction: float = Field(0.3, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _radii(self) -> PhantomParams:
+        if self.min_radius > self.max_radius:
+            raise ValueError(f"min_radius ({self.min_radius}) must be <= max_radius ({self.max_radius})")
+        return self
+
+
+DATA_FORMATS = ("auto", "dicom_csv", "voc", "coco", "yolo")
+
+
+class DataParams(_Section):
+    source: str = "phantom"
+    format: Literal["auto", "dicom_csv", "voc", "coco", "yolo"] = "auto"
+    classes: list[str] | None = None
+    window: Literal["auto"] | tuple[float, float] = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data.source is empty; expected one of: phantom, bccd, or a path to a dataset folder")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: Any) -> Any:
+        if isinstance(v, tuple) and v[1] <= 0:
+            raise ValueError(f"window width must be > 0, got {v[1]}")
+        return v
+
+
+class PrepareParams(_Section):
+    split: Literal["auto", "patient", "official"] = "auto"
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    clip_tolerance_px: float = Field(4.0, ge=0.0)
+    duplicate_iou: float = Field(0.95, gt=0.0, le=1.0)
+    near_duplicate_iou: float | None = Field(0.9, gt=0.0, le=1.0)
+    pseudonym_salt: str = "detflow"
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PrepareParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1 so the train split is not empty")
+        return self
+
+
+class AugmentParams(_Section):
+    fliplr: float = Field(0.0, ge=0.0, le=1.0)
+    flipud: float = Field(0.0, ge=0.0, le=1.0)
+    hsv: bool = True
+    scale: float = Field(0.5, ge=0.0, lt=1.0)
+    mosaic: bool = True
+
+
+YOLO_MODELS = ("yolov5n", "yolov5s", "yolov8n", "yolov8s", "yolo11n", "yolo11s")
+FRCNN_MODELS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                "fasterrcnn_resnet50_fpn_v2")
+
+
+class TrainParams(_Section):
+    family: Literal["yolo", "frcnn"] = "yolo"
+    model: str = "yolov5n"
+    pretrained: str = "auto"
+    strategy: Literal["feature_extraction", "fine_tune", "progressive"] = "fine_tune"
+    unfreeze_at: list[int] = Field(default_factory=lambda: [2, 4])
+    backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
+    epochs: int = Field(10, ge=1, le=10_000)
+    imgsz: int = Field(256, ge=32, le=4096)
+    batch: int = Field(16, ge=1, le=1024)
+    optimizer: Literal["SGD", "AdamW", "Adam", "auto"] = "auto"
+    lr: float = Field(0.01, gt=0.0, le=1.0)
+    patience: int = Field(50, ge=0)
+    seed: int = 0
+    workers: int = Field(2, ge=0, le=64)
+    device: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = str(v).strip()
+        ok = v in ("auto", "cpu", "cuda") or all(p.strip().isdigit() for p in v.split(","))
+        if not ok:
+            raise ValueError(f"unknown device {v!r}; expected one of: auto, cpu, cuda, or GPU indices like 0 or 0,1")
+        return v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v: str) -> str:
+        if v in ("auto", "coco", "none"):
+            return v
+        if not v.strip():
+            raise ValueError("pretrained is empty; expected one of: auto, coco, none, or a path to weights")
+        return v
+
+    @model_validator(mode="after")
+    def _model_matches_family(self) -> TrainParams:
+        allowed = YOLO_MODELS if self.family == "yolo" else FRCNN_MODELS
+        if self.model not in allowed:
+            raise ValueError(
+                f"unknown model {self.model!r} for family {self.family!r}; expected one of: {', '.join(allowed)}"
+            )
+        return self
+
+
+class Params(_Section):
+    phantom: PhantomParams = Field(default_factory=PhantomParams)
+    data: DataParams = Field(default_factory=DataParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"override {dotted!r} must look like section.key=value (e.g. train.epochs=3)")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'train.epochs=3'`` -> ``('train.epochs', 3)``; values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid parameters in {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; " + msg.replace("Input should be", "expected one of:")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Params:
+    """Read ``params.yaml`` (missing file -> defaults), apply overrides, validate the whole tree."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    elif path != DEFAULT_PARAMS:
+        raise ConfigError(f"params file {path} does not exist")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    origin = str(path) + (f" with overrides {overrides}" if overrides else "")
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def dump_params(params: Params) -> dict[str, Any]:
+    """Plain dict of the resolved params (written next to every artifact)."""
+    return params.model_dump(mode="json")

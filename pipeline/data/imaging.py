@@ -1,0 +1,205 @@
+"""Decode images and DICOM into 8-bit RGB arrays, the one representation training and inference see.
+
+Torch-free on purpose: the serving image imports this module too.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+class ImageLoadError(Exception):
+    """An image cannot be used; ``kind`` is one of the data-validation problem kinds."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass
+class LoadedImage:
+    """An 8-bit RGB image plus what had to be done to get it there."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    conversions: list[tuple[str, str]]  # (problem kind, detail) for every conversion applied
+    encoded: bytes | None = None  # original bytes when they can be kept as they are (RGB JPEG/PNG)
+    suffix: str = ".png"
+    window: tuple[float, float] | None = None  # DICOM window (center, width) actually applied
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+def is_dicom_bytes(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return is_dicom_bytes(f.read(132))
+    except OSError:
+        return False
+
+
+def _first(value: object) -> float:
+    """WindowCenter/Width may be multi-valued; the first pair is the primary one by the standard."""
+    if isinstance(value, list | tuple) or (hasattr(value, "__len__") and not isinstance(value, str | bytes)):
+        value = list(value)[0]  # type: ignore[arg-type]
+    return float(value)  # type: ignore[arg-type]
+
+
+def window_to_uint8(values: np.ndarray, center: float, width: float, invert: bool = False) -> np.ndarray:
+    """Linear window (DICOM PS3.3 C.11.2.1.2 without the -0.5 offsets) to 0..255."""
+    lo = center - width / 2.0
+    scaled = (values.astype(np.float32) - lo) * (255.0 / max(width, 1e-6))
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return 255 - out if invert else out
+
+
+def dicom_to_rgb(ds: object, window: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Apply rescale (modality LUT), a window (given, else the file's, else min-max) and MONOCHROME1 inversion."""
+    from pydicom.pixels import apply_modality_lut
+
+    arr = ds.pixel_array  # type: ignore[attr-defined]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    if samples == 3:
+        if arr.ndim != 3:
+            raise ImageLoadError("corrupt_dicom", f"colour DICOM with unexpected pixel shape {arr.shape}")
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        rgb = arr if arr.dtype == np.uint8 else window_to_uint8(arr, float(arr.max()) / 2, float(arr.max()))
+        return np.ascontiguousarray(rgb), (127.5, 255.0)
+    if arr.ndim != 2:
+        raise ImageLoadError("dicom_multiframe", f"multi-frame DICOM ({arr.shape[0]} frames) is not supported; "
+                             "export single frames")
+    values = apply_modality_lut(arr, ds)
+    if window is None:
+        wc, ww = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+        if wc is not None and ww is not None and _first(ww) > 0:
+            window = (_first(wc), _first(ww))
+        else:
+            lo, hi = float(np.min(values)), float(np.max(values))
+            window = ((lo + hi) / 2.0, max(hi - lo, 1.0))
+    gray = window_to_uint8(values, window[0], window[1], invert=photometric == "MONOCHROME1")
+    return np.repeat(gray[:, :, None], 3, axis=2), (float(window[0]), float(window[1]))
+
+
+def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) -> LoadedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fp)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageLoadError("corrupt_dicom", f"cannot parse DICOM: {e}") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageLoadError("dicom_no_pixel_data", "the file has no Pixel Data element")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = bool(tsyntax is not None and tsyntax.is_compressed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rgb, used = dicom_to_rgb(ds, window)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # pydicom raises several types for missing decoders and short pixel data
+        if compressed and ("plugin" in str(e).lower() or "decod" in str(e).lower()):
+            raise ImageLoadError(
+                "dicom_unsupported_compression",
+                f"transfer syntax {tsyntax.name} needs a decoder that is not installed "
+                f"(e.g. pylibjpeg or gdcm): {str(e).splitlines()[0]}",
+            ) from None
+        raise ImageLoadError("corrupt_dicom", f"pixel data cannot be read: {str(e).splitlines()[0]}") from None
+    return LoadedImage(rgb=rgb, conversions=[], window=used)
+
+
+def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int | None = None) -> LoadedImage:
+    """Decode JPEG/PNG/...; RGBA and grayscale become RGB and the conversion is reported."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageLoadError(
+                    "image_too_large", f"{im.width}x{im.height} exceeds the limit of {max_pixels} pixels"
+                )
+            im.load()
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError("not_an_image", "content is not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError("image_too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError("corrupt_image", f"cannot decode {fmt or 'image'}: {e}") from None
+    conversions: list[tuple[str, str]] = []
+    mode = im.mode
+    if mode == "RGB":
+        rgb = np.asarray(im)
+    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        conversions.append(("rgba_converted", f"{mode} converted to RGB (alpha dropped)"))
+        rgb = np.asarray(im.convert("RGBA").convert("RGB"))
+    elif mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im)
+        if arr.dtype != np.uint8:
+            arr = arr.astype(np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = np.clip((arr - lo) * (255.0 / max(hi - lo, 1e-9)), 0, 255).round().astype(np.uint8)
+        conversions.append(("grayscale_converted", f"{mode} converted to RGB"))
+        rgb = np.repeat(arr[:, :, None], 3, axis=2)
+    else:
+        conversions.append(("grayscale_converted" if mode.startswith("L") else "rgba_converted",
+                            f"{mode} converted to RGB"))
+        rgb = np.asarray(im.convert("RGB"))
+    keep = keep_encoded and not conversions and fmt in ("JPEG", "PNG")
+    suffix = ".jpg" if fmt == "JPEG" else ".png"
+    return LoadedImage(
+        rgb=np.ascontiguousarray(rgb), conversions=conversions, encoded=data if keep else None,
+        suffix=suffix if keep else ".png",
+    )
+
+
+def load_any(path: Path, window: tuple[float, float] | None = None) -> LoadedImage:
+    """Load a file by its content (DICOM preamble or image magic), never by its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError:
+        raise ImageLoadError("missing_image", "file does not exist") from None
+    except OSError as e:
+        raise ImageLoadError("corrupt_image", f"cannot read file: {e}") from None
+    if is_dicom_bytes(head) or path.suffix.lower() in DICOM_SUFFIXES:
+        return load_dicom(path, window)
+    return load_raster(path)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,71 @@
+"""The canonical record every reader produces, and the validation issue record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Action = Literal["fixed", "box_dropped", "image_quarantined"]
+
+
+@dataclass
+class Sample:
+    """One image with its boxes, whatever format it came from.
+
+    ``boxes`` are pixel ``x_min, y_min, x_max, y_max`` (float, shape ``(N, 4)``); ``labels`` are class names
+    as written in the source. ``patient`` is the raw identifier (pseudonymised before it is written anywhere);
+    ``None`` means "unknown", and the image becomes its own patient.
+    """
+
+    image: Path
+    source: str  # dicom_csv | voc | coco | yolo
+    patient: str | None = None
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float64))
+    labels: list[str] = field(default_factory=list)
+    official_split: str | None = None  # train | val | test when the dataset ships its own split
+    size_hint: tuple[int, int] | None = None  # (width, height) the annotation claims, if any
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        if len(self.labels) != len(self.boxes):
+            raise ValueError(f"{self.image}: {len(self.boxes)} boxes but {len(self.labels)} labels")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation finding. Nothing is dropped or changed without one of these."""
+
+    file: str
+    kind: str
+    detail: str
+    action: Action
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "kind": self.kind, "detail": self.detail, "action": self.action}
+
+
+# Every kind the data stage records, with what it means; the report carries this legend.
+PROBLEM_KINDS: dict[str, str] = {
+    "corrupt_image": "image bytes cannot be decoded (truncated or damaged JPEG/PNG)",
+    "not_an_image": "file content is not a supported image, whatever its extension says",
+    "corrupt_dicom": "DICOM file is truncated or malformed",
+    "dicom_no_pixel_data": "DICOM file has no Pixel Data element",
+    "dicom_multiframe": "multi-frame DICOM (cine / volume in one file) is not supported",
+    "dicom_unsupported_compression": "DICOM pixel data uses a compressed transfer syntax with no decoder installed",
+    "missing_image": "an annotation refers to an image file that does not exist",
+    "malformed_annotation": "an annotation entry cannot be parsed (e.g. VOC <object> without <bndbox>)",
+    "unknown_class": "box label is not one of the dataset classes",
+    "degenerate_box": "box has zero or negative width or height",
+    "box_outside_image": "box extends beyond the image (clipped within tolerance, else dropped)",
+    "duplicate_box": "same class and IoU >= prepare.duplicate_iou with an earlier box",
+    "near_duplicate_box": "same class and near_duplicate_iou <= IoU < duplicate_iou with an earlier box",
+    "rgba_converted": "RGBA/palette-with-alpha image converted to RGB",
+    "grayscale_converted": "single-channel image converted to RGB",
+    "size_mismatch": "annotation states a different image size than the file has",
+    "image_too_large": "image has more pixels than allowed (decompression-bomb guard)",
+    "missing_annotation": "image has no annotation file (VOC) and is left out",
+    "not_in_official_split": "image is not listed in any of the dataset's official split files",
+}

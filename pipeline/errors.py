@@ -1,0 +1,17 @@
+"""Exceptions that entry points turn into a clear one-line message and a non-zero exit."""
+
+
+class DetflowError(Exception):
+    """A user-facing error: bad params, a missing asset, a failed gate. The message says what to do."""
+
+
+class ConfigError(DetflowError):
+    """params.yaml or a --set override is invalid."""
+
+
+class AssetError(DetflowError):
+    """An asset could not be resolved or failed its checksum."""
+
+
+class DataError(DetflowError):
+    """The dataset cannot be prepared (too many bad samples, nothing readable, leakage)."""
