@@ -77,6 +77,34 @@ def prepare(
                f"-> {out} (report {report})")
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="weights folder (best.pt, last.pt, params.yaml)")] = Path("models/train"),
+    reports: Annotated[Path, typer.Option(help="training reports folder")] = Path("reports/train"),
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    mirror: MirrorOpt = None,
+    trust: Annotated[bool, typer.Option(help="load a pretrained pickle whose sha256 is not pinned")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a detector (YOLO or Faster R-CNN) from COCO weights with the configured strategy."""
+    from pipeline.train import train_model
+    from pipeline.train.common import default_workdir
+
+    p = _params(params, set_)
+    result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
+                         progress=_progress(quiet))
+    t = result.transfer
+    if t.get("WARNING"):
+        typer.secho(f"WARNING: {t['WARNING']}", err=True, fg="yellow")
+    resumed = f", resumed at epoch {result.start_epoch}" if result.resumed else ""
+    typer.echo(f"train: {result.family}/{result.model} {result.epochs_run} epochs{resumed}; pretrained "
+               f"{t['source']} ({t.get('tensors_transferred', 0)} tensors transferred); "
+               f"{', '.join(f'{k} {v:.4f}' for k, v in result.metrics.items() if isinstance(v, float))} -> {out}")
+
+
 @assets_app.command("list")
 def assets_list(
     raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),

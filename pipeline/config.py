@@ -93,16 +93,21 @@ FRCNN_MODELS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_la
                 "fasterrcnn_resnet50_fpn_v2")
 
 
+DEFAULT_MODEL = {"yolo": "yolov5n", "frcnn": "fasterrcnn_mobilenet_v3_large_320_fpn"}
+
+
 class TrainParams(_Section):
     family: Literal["yolo", "frcnn"] = "yolo"
-    model: str = "yolov5n"
+    model: str = "auto"
     pretrained: str = "auto"
+    pretrained_sha256: str | None = None
     strategy: Literal["feature_extraction", "fine_tune", "progressive"] = "fine_tune"
     unfreeze_at: list[int] = Field(default_factory=lambda: [2, 4])
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
     epochs: int = Field(10, ge=1, le=10_000)
     imgsz: int = Field(256, ge=32, le=4096)
     batch: int = Field(16, ge=1, le=1024)
+    nominal_batch: int = Field(64, ge=1, le=4096)
     optimizer: Literal["SGD", "AdamW", "Adam", "auto"] = "auto"
     lr: float = Field(0.01, gt=0.0, le=1.0)
     patience: int = Field(50, ge=0)
@@ -112,6 +117,15 @@ class TrainParams(_Section):
     resume: Literal["auto", "never"] = "auto"
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_model(cls, data: Any) -> Any:
+        """``model: auto`` picks the family's default, so switching family alone is a valid experiment."""
+        if isinstance(data, dict) and data.get("model", "auto") == "auto":
+            family = data.get("family", "yolo")
+            data = {**data, "model": DEFAULT_MODEL.get(family, "auto")}
+        return data
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -120,6 +134,17 @@ class TrainParams(_Section):
         if not ok:
             raise ValueError(f"unknown device {v!r}; expected one of: auto, cpu, cuda, or GPU indices like 0 or 0,1")
         return v
+
+    @field_validator("pretrained_sha256", mode="before")
+    @classmethod
+    def _sha(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, str):
+            raise ValueError("must be a quoted string of 64 hex digits (YAML read it as a number)")
+        if len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v):
+            raise ValueError(f"must be 64 hex digits, got {v!r}")
+        return v.lower()
 
     @field_validator("pretrained")
     @classmethod
