@@ -105,6 +105,28 @@ def train(
                f"{', '.join(f'{k} {v:.4f}' for k, v in result.metrics.items() if isinstance(v, float))} -> {out}")
 
 
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="trained checkpoint")] = Path("models/train/best.pt"),
+    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate."""
+    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate.gate import gate_table
+
+    p = _params(params, set_)
+    result = evaluate_model(p, model, data, reports, progress=_progress(quiet))
+    m = result.metrics
+    typer.echo(f"evaluate ({m['split']}, {m['n_images']} images, {m['n_patients']} patients, "
+               f"{result.seconds:.1f} s): mAP50 {m['map50']:.4f} {m['ci95']['map50']}, mAP50-95 "
+               f"{m['map50_95']:.4f}, CPM {m['froc']['cpm']:.4f} {m['ci95']['cpm']}")
+    typer.echo("gate passed:\n" + gate_table(result.gate))
+
+
 @assets_app.command("list")
 def assets_list(
     raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),

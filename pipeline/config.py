@@ -165,11 +165,32 @@ class TrainParams(_Section):
         return self
 
 
+class EvaluateParams(_Section):
+    split: Literal["train", "val", "test"] = "test"
+    conf: float = Field(0.25, gt=0.0, lt=1.0)
+    nms_iou: float = Field(0.7, gt=0.0, le=1.0)
+    froc_iou: float = Field(0.1, gt=0.0, le=1.0)
+    bootstrap: int = Field(1000, ge=0, le=100_000)
+    seed: int = 0
+    batch: int = Field(8, ge=1, le=256)
+    preview_images: int = Field(16, ge=0, le=64)
+
+
+class GateParams(_Section):
+    min_map50: float = Field(0.5, ge=0.0, le=1.0)
+    min_sensitivity_at_1fp: float = Field(0.5, ge=0.0, le=1.0)
+    min_cpm: float = Field(0.4, ge=0.0, le=1.0)
+    max_regression: float | None = Field(0.05, ge=0.0, le=1.0)
+    champion: str = "models/registry/champion.json"
+
+
 class Params(_Section):
     phantom: PhantomParams = Field(default_factory=PhantomParams)
     data: DataParams = Field(default_factory=DataParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    gate: GateParams = Field(default_factory=GateParams)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,143 @@
+"""Evaluation stage: one evaluator for both model families, COCO + FROC metrics, plots, promotion gate."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.errors import DataError, DetflowError
+from pipeline.fileio import atomic_write_json
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    gate: dict[str, Any]
+    seconds: float
+
+
+def load_split(prepared: Path, split: str) -> tuple[dict, list[str]]:
+    path = prepared / "coco" / f"{split}.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `detflow prepare` (or `dvc repro`)")
+    gt = json.loads(path.read_text())
+    classes = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    return gt, classes
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_detector(predict: Any, prepared: Path, split: str, classes: list[str], params: Params,
+                   progress: bool = True, keep_images: int = 0) -> tuple[list, list, dict]:
+    """Run ``predict(list[rgb]) -> list[Detections]`` over a split; return ImageDets, kept images, GT."""
+    from pipeline.evaluate.metrics import ImageDets
+
+    ev = params.evaluate
+    gt, _ = load_split(prepared, split)
+    anns: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    out: list[ImageDets] = []
+    kept: list[np.ndarray] = []
+    entries = gt["images"]
+    bar = tqdm(total=len(entries), desc=f"evaluating {split}", unit="img", disable=not progress)
+    for start in range(0, len(entries), ev.batch):
+        chunk = entries[start:start + ev.batch]
+        rgbs = [_read_rgb(prepared / e["file_name"]) for e in chunk]
+        dets = predict(rgbs)
+        for e, rgb, d in zip(chunk, rgbs, dets, strict=True):
+            a = anns.get(e["id"], [])
+            gb = np.array([[x, y, x + w, y + h] for x, y, w, h in (q["bbox"] for q in a)], dtype=np.float64)
+            out.append(ImageDets(image_id=e["id"], patient=str(e.get("patient", e["id"])),
+                                 gt_boxes=gb.reshape(-1, 4), gt_labels=np.array([q["category_id"] - 1 for q in a],
+                                                                                dtype=np.int64),
+                                 boxes=d.boxes, scores=d.scores, labels=d.labels))
+            if len(kept) < keep_images:
+                kept.append(rgb)
+        bar.update(len(chunk))
+    bar.close()
+    return out, kept, gt
+
+
+def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) -> tuple[dict, dict]:
+    """All metric keys of reports/metrics.json, plus private arrays for the plots."""
+    from pipeline.evaluate.metrics import (
+        FROC_FP_RATES,
+        bootstrap_ci,
+        coco_metrics,
+        froc,
+        operating_point,
+        to_coco_results,
+    )
+
+    ev = params.evaluate
+    results = to_coco_results(images)
+    coco = coco_metrics(gt, results, classes)
+    curve = froc(images, ev.froc_iou)
+    op = operating_point(images, len(classes), ev.conf)
+    ci = bootstrap_ci(images, len(classes), ev.froc_iou, ev.bootstrap, ev.seed) if ev.bootstrap else \
+        {"map50": [float("nan")] * 2, "cpm": [float("nan")] * 2}
+    metrics = {
+        "map50_95": round(coco["map50_95"], 6),
+        "map50": round(coco["map50"], 6),
+        "per_class": {k: {m: round(v, 6) for m, v in d.items()} for k, d in coco["per_class"].items()},
+        "froc": {"fp_per_image": list(FROC_FP_RATES), "sensitivity": [round(curve.points[f], 6)
+                                                                        for f in FROC_FP_RATES],
+                 "cpm": round(curve.cpm, 6), "iou": ev.froc_iou},
+        "ci95": {"map50": ci["map50"], "cpm": ci["cpm"], "resamples": ev.bootstrap, "unit": "patient"},
+        "operating_point": {k: v for k, v in op.items() if not k.startswith("_")},
+        "n_images": len(images),
+        "n_patients": len({im.patient for im in images}),
+        "n_lesions": int(sum(len(im.gt_boxes) for im in images)),
+        "split": ev.split,
+    }
+    private = {"precision": coco["_precision"], "froc": curve, "confusion": op["_confusion"], "results": results}
+    return metrics, private
+
+
+def evaluate_model(params: Params, model_path: Path, prepared: Path, reports: Path,
+                   progress: bool = True) -> EvaluationResult:
+    """Score the trained model on ``evaluate.split``; write metrics, plots, preview and the gate verdict.
+
+    Raises :class:`GateFailed` (after writing every report) when a gate check fails.
+    """
+    from pipeline.evaluate.gate import GateFailed, champion_metrics, evaluate_gate, gate_table
+    from pipeline.evaluate.plots import preview_grid, write_plot_data
+    from pipeline.evaluate.predict import TorchDetector
+
+    start = time.perf_counter()
+    ev = params.evaluate
+    _, classes = load_split(prepared, ev.split)
+    detector = TorchDetector.load(model_path)
+    if detector.classes != classes:
+        raise DetflowError(f"model classes {detector.classes} differ from the dataset's {classes}; "
+                           "retrain on this dataset")
+    images, kept, gt = score_detector(
+        lambda rgbs: detector.predict(rgbs, conf=0.001, iou=ev.nms_iou), prepared, ev.split, classes, params,
+        progress, keep_images=ev.preview_images)
+    metrics, private = compute_metrics(images, gt, classes, params)
+    metrics["model"] = {"family": detector.family, "imgsz": detector.imgsz, "path": str(model_path)}
+    seconds = time.perf_counter() - start
+    metrics["seconds"] = round(seconds, 2)
+    atomic_write_json(reports / "eval" / "predictions.json", private["results"])
+    write_plot_data(reports / "plots", private["precision"], classes, private["froc"], private["confusion"])
+    preview_grid(list(zip(kept, images[: len(kept)], strict=True)), classes, ev.conf,
+                 reports / "predictions_preview.png")
+    atomic_write_json(reports / "metrics.json", metrics)
+    gate = evaluate_gate(metrics, params.gate, champion_metrics(Path(params.gate.champion)))
+    atomic_write_json(reports / "gate.json", gate)
+    if not gate["passed"]:
+        raise GateFailed("evaluation gate failed; the model may not be exported or promoted:\n"
+                         + gate_table(gate, only_failed=True))
+    return EvaluationResult(metrics, gate, seconds)

@@ -1,0 +1,283 @@
+"""Detection metrics: COCO mAP (pycocotools), FROC with CPM, patient bootstrap, P/R/F1, confusion matrix.
+
+COCO numbers come from pycocotools itself. FROC and the bootstrap have no maintained library with the
+semantics medical detection needs (one hit per lesion, FP per image over all images, patient resampling), so
+they are written here, on top of per-image matches computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.validate import pairwise_iou
+
+FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class ImageDets:
+    """Ground truth and detections for one image (pixel xyxy, 0-based class indices)."""
+
+    image_id: int
+    patient: str
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def to_coco_results(images: Sequence[ImageDets]) -> list[dict]:
+    """Detections in COCO results format (category ids are 1-based, bbox xywh)."""
+    out = []
+    for im in images:
+        for (x1, y1, x2, y2), s, c in zip(im.boxes, im.scores, im.labels, strict=True):
+            out.append({"image_id": int(im.image_id), "category_id": int(c) + 1,
+                        "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3),
+                                 round(float(y2 - y1), 3)], "score": round(float(s), 5)})
+    return out
+
+
+def coco_metrics(gt: dict, results: list[dict], class_names: Sequence[str]) -> dict:
+    """mAP50-95, mAP50 and per-class AP50 / AP50-95 from pycocotools' COCOeval (stdout silenced)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results) if results else COCO()
+        if not results:
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # [T=10 IoU, R=101, K, A=4 area ranges, M=3 maxDets]; -1 = no GT
+
+    def ap(p: np.ndarray) -> float:
+        p = p[p > -1]
+        return float(p.mean()) if p.size else float("nan")
+
+    cat_ids = ev.params.catIds
+    per_class = {}
+    for k, cid in enumerate(cat_ids):
+        name = class_names[cid - 1]
+        per_class[name] = {"ap50": ap(precision[0, :, k, 0, -1]), "ap50_95": ap(precision[:, :, k, 0, -1])}
+    return {"map50_95": float(ev.stats[0]), "map50": float(ev.stats[1]), "per_class": per_class,
+            "_precision": precision}
+
+
+# --------------------------------------------------------------------------------------------- matching
+
+
+def _greedy_match(gt_boxes: np.ndarray, gt_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                  labels: np.ndarray, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per detection (score order): matched GT index or -1, and whether the det only re-hit a taken lesion."""
+    order = np.argsort(-scores, kind="stable")
+    match = np.full(len(scores), -1, dtype=np.int64)
+    rehit = np.zeros(len(scores), dtype=bool)
+    if len(gt_boxes) == 0 or len(boxes) == 0:
+        return match, rehit
+    iou = pairwise_iou(boxes, gt_boxes)
+    iou[labels[:, None] != gt_labels[None, :]] = -1.0
+    taken = np.zeros(len(gt_boxes), dtype=bool)
+    for d in order:
+        free = np.where(taken, -1.0, iou[d])
+        j = int(free.argmax())
+        if free[j] >= iou_thr:
+            match[d] = j
+            taken[j] = True
+        elif iou[d].max() >= iou_thr:
+            rehit[d] = True
+    return match, rehit
+
+
+@dataclass
+class FrocCurve:
+    fp_per_image: np.ndarray
+    sensitivity: np.ndarray
+    points: dict[float, float]
+    cpm: float
+
+
+def _froc_arrays(images: Sequence[ImageDets], iou_thr: float) -> tuple[np.ndarray, np.ndarray, int, int]:
+    scores, hits = [], []
+    n_lesions = 0
+    for im in images:
+        match, rehit = _greedy_match(im.gt_boxes, im.gt_labels, im.boxes, im.scores, im.labels, iou_thr)
+        keep = ~rehit  # LUNA16 convention: further hits on an already-found lesion are neither TP nor FP
+        scores.append(im.scores[keep])
+        hits.append(match[keep] >= 0)
+        n_lesions += len(im.gt_boxes)
+    return (np.concatenate(scores) if scores else np.zeros(0), np.concatenate(hits) if hits else np.zeros(0, bool),
+            n_lesions, len(images))
+
+
+def froc(images: Sequence[ImageDets], iou_thr: float = 0.1,
+         fp_rates: Sequence[float] = FROC_FP_RATES) -> FrocCurve:
+    """Sensitivity vs false positives per image, and sensitivity at each ``fp_rates`` point (CPM = mean).
+
+    A detection hits a lesion of its class with IoU >= ``iou_thr``; each lesion is hit at most once.
+    Every image counts in the FP rate, including images without lesions. The sensitivity at rate f is the
+    highest reached while FPs per image stay <= f (thresholds swept over all detection scores).
+    """
+    scores, hits, n_lesions, n_images = _froc_arrays(images, iou_thr)
+    return _froc_from_arrays(scores, hits, n_lesions, n_images, fp_rates)
+
+
+def _froc_from_arrays(scores: np.ndarray, hits: np.ndarray, n_lesions: int, n_images: int,
+                      fp_rates: Sequence[float]) -> FrocCurve:
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(hits[order])
+    fp = np.cumsum(~hits[order])
+    # only thresholds between distinct scores are reachable
+    distinct = np.r_[scores[order][1:] != scores[order][:-1], True] if len(scores) else np.zeros(0, bool)
+    sens = np.r_[0.0, tp[distinct] / max(n_lesions, 1)]
+    fppi = np.r_[0.0, fp[distinct] / max(n_images, 1)]
+    points = {}
+    for f in fp_rates:
+        ok = fppi <= f
+        points[float(f)] = float(sens[ok].max()) if ok.any() else 0.0
+    cpm = float(np.mean(list(points.values())))
+    return FrocCurve(fppi, sens, points, cpm)
+
+
+# --------------------------------------------------------------------------------------------- AP (bootstrap)
+
+
+def _coco_ap(scores: np.ndarray, tps: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated AP from pooled detections (same maths as COCOeval.accumulate)."""
+    if n_gt == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    tp = np.cumsum(tps[order]).astype(np.float64)
+    fp = np.cumsum(~tps[order]).astype(np.float64)
+    rc = tp / n_gt
+    pr = tp / np.maximum(tp + fp, np.spacing(1))
+    pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
+    rec_thrs = np.linspace(0.0, 1.0, 101)
+    idx = np.searchsorted(rc, rec_thrs, side="left")
+    q = np.where(idx < len(pr), pr[np.minimum(idx, len(pr) - 1)] if len(pr) else 0.0, 0.0)
+    return float(np.mean(q))
+
+
+@dataclass
+class _ImageAP:
+    """Per-image, per-class COCO-style matches at IoU 0.5 (computed once, reused by every resample)."""
+
+    scores: dict[int, np.ndarray]
+    tps: dict[int, np.ndarray]
+    n_gt: dict[int, int]
+
+
+def _coco_style_matches(im: ImageDets, n_classes: int, max_dets: int = 100) -> _ImageAP:
+    scores, tps, n_gt = {}, {}, {}
+    for c in range(n_classes):
+        g = im.gt_boxes[im.gt_labels == c]
+        sel = im.labels == c
+        s, b = im.scores[sel], im.boxes[sel]
+        order = np.argsort(-s, kind="mergesort")[:max_dets]
+        s, b = s[order], b[order]
+        tp = np.zeros(len(s), dtype=bool)
+        if len(g) and len(s):
+            iou = pairwise_iou(b, g)
+            taken = np.zeros(len(g), dtype=bool)
+            for d in range(len(s)):
+                cand = np.where(taken, -1.0, iou[d])
+                j = int(cand.argmax())
+                if cand[j] >= 0.5:
+                    taken[j] = True
+                    tp[d] = True
+        scores[c], tps[c], n_gt[c] = s, tp, len(g)
+    return _ImageAP(scores, tps, n_gt)
+
+
+def map50_from_matches(per_image: Sequence[_ImageAP], n_classes: int) -> float:
+    aps = []
+    for c in range(n_classes):
+        n = sum(m.n_gt[c] for m in per_image)
+        if n == 0:
+            continue
+        s = np.concatenate([m.scores[c] for m in per_image])
+        t = np.concatenate([m.tps[c] for m in per_image])
+        aps.append(_coco_ap(s, t, n))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n_resamples: int = 1000,
+                 seed: int = 0, fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, list[float]]:
+    """95% percentile intervals for mAP50 and CPM, resampling *patients* with replacement.
+
+    Images of one patient are correlated; resampling them as a unit keeps the interval honest.
+    """
+    rng = np.random.default_rng(seed)
+    patients = sorted({im.patient for im in images})
+    by_patient = {p: [i for i, im in enumerate(images) if im.patient == p] for p in patients}
+    ap_matches = [_coco_style_matches(im, n_classes) for im in images]
+    froc_parts = []
+    for im in images:
+        match, rehit = _greedy_match(im.gt_boxes, im.gt_labels, im.boxes, im.scores, im.labels, froc_iou)
+        froc_parts.append((im.scores[~rehit], match[~rehit] >= 0, len(im.gt_boxes)))
+    maps, cpms = [], []
+    for _ in range(n_resamples):
+        chosen = rng.integers(0, len(patients), len(patients))
+        idx = [i for k in chosen for i in by_patient[patients[k]]]
+        maps.append(map50_from_matches([ap_matches[i] for i in idx], n_classes))
+        s = np.concatenate([froc_parts[i][0] for i in idx])
+        h = np.concatenate([froc_parts[i][1] for i in idx])
+        n_les = sum(froc_parts[i][2] for i in idx)
+        cpms.append(_froc_from_arrays(s, h, n_les, len(idx), fp_rates).cpm)
+
+    def interval(v: list[float]) -> list[float]:
+        a = np.asarray(v, dtype=np.float64)
+        a = a[~np.isnan(a)]
+        return [round(float(np.percentile(a, 2.5)), 4), round(float(np.percentile(a, 97.5)), 4)] if a.size \
+            else [float("nan"), float("nan")]
+
+    return {"map50": interval(maps), "cpm": interval(cpms), "n_resamples": n_resamples,  # type: ignore[dict-item]
+            "unit": "patient"}
+
+
+# --------------------------------------------------------------------------------------------- operating point
+
+
+def operating_point(images: Sequence[ImageDets], n_classes: int, conf: float, iou_thr: float = 0.5) -> dict:
+    """Precision, recall and F1 of detections with score >= conf (class-aware, IoU >= iou_thr), plus the
+    confusion matrix (rows: true class or background; columns: predicted class or background)."""
+    tp = fp = fn = 0
+    bg = n_classes
+    confusion = np.zeros((n_classes + 1, n_classes + 1), dtype=np.int64)
+    for im in images:
+        keep = im.scores >= conf
+        b, s, lab = im.boxes[keep], im.scores[keep], im.labels[keep]
+        match, _ = _greedy_match(im.gt_boxes, im.gt_labels, b, s, lab, iou_thr)
+        n_tp = int((match >= 0).sum())
+        tp += n_tp
+        fp += len(s) - n_tp
+        fn += len(im.gt_boxes) - n_tp
+        # confusion: class-agnostic matching, so a right box with the wrong class shows up off-diagonal
+        agn, _ = _greedy_match(im.gt_boxes, np.zeros(len(im.gt_boxes), np.int64), b, s,
+                               np.zeros(len(s), np.int64), iou_thr)
+        hit_gt = set()
+        for d, g in enumerate(agn):
+            if g >= 0:
+                confusion[im.gt_labels[g], lab[d]] += 1
+                hit_gt.add(int(g))
+            else:
+                confusion[bg, lab[d]] += 1
+        for g in range(len(im.gt_boxes)):
+            if g not in hit_gt:
+                confusion[im.gt_labels[g], bg] += 1
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    return {"conf": conf, "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+            "tp": tp, "fp": fp, "fn": fn, "_confusion": confusion}

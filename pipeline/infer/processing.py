@@ -1,0 +1,136 @@
+"""The one pre- and post-processing implementation, shared by evaluation, batch inference and the service.
+
+numpy + OpenCV only (no torch), so the serving image can import it. The letterbox reproduces Ultralytics'
+``LetterBox`` (centre padding with grey 114, ``cv2.INTER_LINEAR``), the transform YOLO models are trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class LetterboxMeta:
+    """How an original image maps into the square model input: ``model = orig * scale + (pad_x, pad_y)``."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+    orig_w: int
+    orig_h: int
+
+
+def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxMeta]:
+    """Resize keeping the aspect ratio and pad to ``size`` x ``size``; returns HWC uint8 and the mapping."""
+    h, w = rgb.shape[:2]
+    scale = min(size / h, size / w)
+    new_w, new_h = int(round(w * scale)), int(round(h * scale))
+    if (new_w, new_h) != (w, h):
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    out = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return out, LetterboxMeta(scale=scale, pad_x=float(left), pad_y=float(top), orig_w=w, orig_h=h)
+
+
+def to_tensor(batch_hwc: list[np.ndarray], dtype: type = np.float32) -> np.ndarray:
+    """HWC uint8 RGB images of one size -> NCHW in [0, 1] (the YOLO input contract)."""
+    arr = np.stack(batch_hwc).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(arr, dtype=dtype) * dtype(1.0 / 255.0)
+
+
+def preprocess(images: list[np.ndarray], size: int, dtype: type = np.float32) -> tuple[np.ndarray,
+                                                                                        list[LetterboxMeta]]:
+    boxed = [letterbox(im, size) for im in images]
+    return to_tensor([b for b, _ in boxed], dtype), [m for _, m in boxed]
+
+
+def unletterbox(boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
+    """Model-input xyxy -> original-image xyxy, clipped to the image."""
+    out = boxes.astype(np.float64, copy=True)
+    out[:, [0, 2]] = (out[:, [0, 2]] - meta.pad_x) / meta.scale
+    out[:, [1, 3]] = (out[:, [1, 3]] - meta.pad_y) / meta.scale
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, meta.orig_w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, meta.orig_h)
+    return out
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS, vectorised per step; returns kept indices in descending score order.
+
+    Hand-written because the serving image has neither torch nor torchvision; matches torchvision.ops.nms.
+    """
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        if order.size == 1:
+            break
+        rest = order[1:]
+        w = (np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])).clip(0)
+        h = (np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])).clip(0)
+        inter = w * h
+        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@dataclass
+class Detections:
+    """Detections for one image in original-image pixels; ``labels`` are 0-based class indices."""
+
+    boxes: np.ndarray  # (N, 4) xyxy float
+    scores: np.ndarray  # (N,)
+    labels: np.ndarray  # (N,) int
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def yolo_postprocess(raw: np.ndarray, metas: list[LetterboxMeta], conf: float = 0.001, iou: float = 0.7,
+                     max_det: int = 300, max_nms: int = 30000) -> list[Detections]:
+    """Decode Ultralytics' Detect output ``(B, 4 + nc, A)`` (xywh in input pixels, class scores) per image.
+
+    Class-aware NMS by offsetting boxes per class, like Ultralytics' ``non_max_suppression`` (multi_label off).
+    """
+    out = []
+    nc = raw.shape[1] - 4
+    for b, meta in enumerate(metas):
+        pred = raw[b].T  # (A, 4 + nc)
+        cls_scores = pred[:, 4:]
+        labels = cls_scores.argmax(1)
+        scores = cls_scores[np.arange(len(labels)), labels]
+        keep = scores > conf
+        if not keep.any():
+            out.append(Detections(np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64)))
+            continue
+        xywh, scores, labels = pred[keep, :4], scores[keep], labels[keep]
+        if len(scores) > max_nms:
+            top = np.argsort(-scores, kind="stable")[:max_nms]
+            xywh, scores, labels = xywh[top], scores[top], labels[top]
+        xyxy = np.empty_like(xywh)
+        xyxy[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
+        xyxy[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
+        offset = labels[:, None].astype(xyxy.dtype) * 7680.0 if nc > 1 else 0.0
+        kept = nms(xyxy + offset, scores, iou)[:max_det]
+        out.append(Detections(unletterbox(xyxy[kept], meta), scores[kept].astype(np.float32),
+                              labels[kept].astype(np.int64)))
+    return out
+
+
+def frcnn_postprocess(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, meta: LetterboxMeta,
+                      conf: float = 0.001, max_det: int = 300) -> Detections:
+    """torchvision Faster R-CNN output (already NMS'd, labels 1..K with 0 = background) -> Detections."""
+    keep = scores > conf
+    order = np.argsort(-scores[keep], kind="stable")[:max_det]
+    return Detections(unletterbox(boxes[keep][order], meta), scores[keep][order].astype(np.float32),
+                      (labels[keep][order] - 1).astype(np.int64))
