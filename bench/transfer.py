@@ -9,7 +9,6 @@ Prints both test-split mAP50 values and their ratio; writes bench/results/transf
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile

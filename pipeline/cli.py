@@ -127,6 +127,53 @@ def evaluate(
     typer.echo("gate passed:\n" + gate_table(result.gate))
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="trained checkpoint")] = Path("models/train/best.pt"),
+    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    reports: Annotated[Path, typer.Option(help="reports folder (gate.json in, parity.json out)")] = Path("reports"),
+    out: Annotated[Path, typer.Option(help="folder for model.onnx and model_card.json")] = Path("models"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Export to ONNX after a passed gate; measure PyTorch/ONNX parity; write the model card."""
+    from pipeline.export import export_model
+
+    p = _params(params, set_)
+    result = export_model(p, model, data, reports, out)
+    q = result.parity
+    typer.echo(f"export: {result.model} (sha256 {result.card['sha256'][:12]}, opset {result.card['opset']}); parity "
+               f"on {q['n_images']} images: matched {q['matched_fraction']:.4f}, max box diff "
+               f"{q['max_abs_box_diff_px']:.3f} px, max score diff {q['max_abs_score_diff']:.4f}, mAP50-95 "
+               f"{q['map50_95_torch']:.4f} -> {q['map50_95_onnx']:.4f} (delta {q['delta']:.4f})")
+
+
+@app.command()
+def infer(
+    source: Annotated[Path, typer.Argument(help="image, folder, DICOM series, file list (.txt) or COCO split (.json)")],
+    model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
+    out: Annotated[Path, typer.Option(help="output folder: predictions.json, infer_errors.json")] = Path("predictions"),
+    batch: Annotated[int, typer.Option(min=1, help="images per session.run")] = 8,
+    render: Annotated[bool, typer.Option(help="also write images with boxes drawn")] = False,
+    providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
+    require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
+    conf: Annotated[float | None, typer.Option(help="score threshold (default: the card's)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
+    from pipeline.infer.batch import run_batch
+    from pipeline.infer.engine import OnnxDetector
+
+    detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu)
+    if conf is not None:
+        detector.conf = conf
+    s = run_batch(detector, source, out, batch=batch, render=render, progress=_progress(quiet))
+    typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
+               f"(providers: {', '.join(s.providers)}) -> {out / 'predictions.json'}")
+    for e in s.errors[:10]:
+        typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
+
+
 @assets_app.command("list")
 def assets_list(
     raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),

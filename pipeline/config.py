@@ -184,6 +184,17 @@ class GateParams(_Section):
     champion: str = "models/registry/champion.json"
 
 
+class ExportParams(_Section):
+    opset: int = Field(18, ge=11, le=23)
+    opset_frcnn: int = Field(17, ge=11, le=23)
+    simplify: bool = True
+    half: bool = False
+    max_map_delta: float = Field(0.005, ge=0.0, le=1.0)
+    max_map_delta_frcnn: float = Field(0.01, ge=0.0, le=1.0)
+    parity_iou: float = Field(0.9, gt=0.0, le=1.0)
+    max_det: int = Field(300, ge=1, le=10_000)
+
+
 class Params(_Section):
     phantom: PhantomParams = Field(default_factory=PhantomParams)
     data: DataParams = Field(default_factory=DataParams)
@@ -191,6 +202,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gate: GateParams = Field(default_factory=GateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -152,7 +152,8 @@ def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int
             im.load()
     except ImageLoadError:
         raise
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: Ultralytics patches PIL.Image.open to pull in a HEIF plugin on unidentified files
         raise ImageLoadError("not_an_image", "content is not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError("image_too_large", str(e)) from None

@@ -1,0 +1,232 @@
+"""Export stage: ONNX model, parity report against PyTorch, model card. Published only when parity holds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Params
+from pipeline.errors import DetflowError
+from pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+
+
+class ParityFailed(DetflowError):
+    """The ONNX model's accuracy differs from PyTorch's by more than allowed."""
+
+
+@dataclass
+class ExportResult:
+    model: Path
+    card: dict[str, Any]
+    parity: dict[str, Any]
+
+
+def _export_yolo(best: Path, work: Path, imgsz: int, params: Params) -> Path:
+    """Ultralytics' exporter on a copy of the checkpoint (it writes next to its input, a DVC output)."""
+    from ultralytics import YOLO
+
+    from pipeline.train.common import default_workdir
+    from pipeline.train.yolo import configure_ultralytics
+
+    configure_ultralytics(default_workdir())
+    copy = work / "best.pt"
+    shutil.copy(best, copy)
+    ex = params.export
+    out = YOLO(str(copy)).export(format="onnx", dynamic=True, simplify=ex.simplify, opset=ex.opset, imgsz=imgsz,
+                                 half=ex.half, device="0" if ex.half else "cpu", verbose=False)
+    return Path(out)
+
+
+def _export_frcnn(best: Path, work: Path, imgsz: int, params: Params) -> Path:
+    """torch.onnx (TorchScript exporter) at a fixed 1x3xSxS input; letterboxing happens outside the graph."""
+    import torch
+
+    from pipeline.train.frcnn import load_frcnn_checkpoint
+
+    model, _ = load_frcnn_checkpoint(best)
+    model.eval()
+
+    class SingleImage(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.inner([images[0]])[0]
+            return out["boxes"], out["labels"], out["scores"]
+
+    out = work / "model.onnx"
+    dummy = torch.rand(1, 3, imgsz, imgsz)
+    torch.onnx.export(SingleImage(model), (dummy,), str(out), opset_version=params.export.opset_frcnn,
+                      input_names=["images"], output_names=["boxes", "labels", "scores"], dynamo=False)
+    return out
+
+
+def _match_parity(torch_dets: list, onnx_dets: list, conf: float, iou_thr: float) -> dict[str, Any]:
+    """Box-level agreement at the operating threshold: greedy same-class matching by IoU."""
+    from pipeline.data.validate import pairwise_iou
+
+    matched = total = 0
+    box_diff = score_diff = 0.0
+    for t, o in zip(torch_dets, onnx_dets, strict=True):
+        tk, ok = t.scores >= conf, o.scores >= conf
+        tb, ts, tl = t.boxes[tk], t.scores[tk], t.labels[tk]
+        ob, os_, ol = o.boxes[ok], o.scores[ok], o.labels[ok]
+        total += max(len(ts), len(os_))
+        if not len(ts) or not len(os_):
+            continue
+        iou = pairwise_iou(tb, ob)
+        iou[tl[:, None] != ol[None, :]] = -1
+        used = np.zeros(len(os_), dtype=bool)
+        for i in np.argsort(-ts):
+            cand = np.where(used, -1.0, iou[i])
+            j = int(cand.argmax())
+            if cand[j] >= iou_thr:
+                used[j] = True
+                matched += 1
+                box_diff = max(box_diff, float(np.abs(tb[i] - ob[j]).max()))
+                score_diff = max(score_diff, float(abs(ts[i] - os_[j])))
+    return {"boxes_compared": total, "boxes_matched": matched,
+            "matched_fraction": round(matched / total, 6) if total else 1.0,
+            "max_abs_box_diff_px": round(box_diff, 6), "max_abs_score_diff": round(score_diff, 6)}
+
+
+def measure_parity(torch_detector: Any, onnx_detector: Any, prepared: Path, params: Params) -> dict[str, Any]:
+    """The same images through PyTorch and onnxruntime: box-level agreement and metric-level delta."""
+    from pipeline.evaluate import compute_metrics, load_split, score_detector
+
+    ev = params.evaluate
+    split = ev.split
+    _, classes = load_split(prepared, split)
+    quick = params.model_copy(update={"evaluate": ev.model_copy(update={"bootstrap": 0})})
+    common = {"conf": 0.001, "iou": ev.nms_iou, "max_det": params.export.max_det}
+    t_imgs, _, gt = score_detector(lambda r: torch_detector.predict(r, **common), prepared, split, classes, quick,
+                                   progress=False)
+    o_imgs, _, _ = score_detector(lambda r: onnx_detector.predict(r, **common), prepared, split, classes, quick,
+                                  progress=False)
+    boxes = _match_parity(t_imgs, o_imgs, ev.conf, params.export.parity_iou)
+    m_t, _ = compute_metrics(t_imgs, gt, classes, quick)
+    m_o, _ = compute_metrics(o_imgs, gt, classes, quick)
+    return {"split": split, "n_images": len(t_imgs), "conf": ev.conf, "parity_iou": params.export.parity_iou,
+            **boxes, "map50_95_torch": m_t["map50_95"], "map50_95_onnx": m_o["map50_95"],
+            "map50_torch": m_t["map50"], "map50_onnx": m_o["map50"],
+            "delta": round(abs(m_t["map50_95"] - m_o["map50_95"]), 6), "providers": onnx_detector.providers}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "torchvision", "ultralytics", "onnx", "onnxruntime-gpu", "onnxruntime", "detflow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, onnx_path: Path, opset: int,
+               prepared: Path, train_summary: dict, metrics: dict, gate: dict, parity: dict,
+               params: Params) -> dict[str, Any]:
+    """The machine-readable contract that ships next to model.onnx."""
+    info = json.loads((prepared / "prepare_info.json").read_text())
+    windows = info.get("dicom_windows_used") or []
+    dicom_window = None
+    if info.get("dicom_window"):
+        dicom_window = {"mode": "params" if info["dicom_window"] == "params" else "file tags",
+                        "window": windows[0] if len(windows) == 1 else None, "windows_seen": windows,
+                        "rescale": "RescaleSlope/RescaleIntercept applied first (HU)",
+                        "monochrome1": "inverted"}
+    batch = "dynamic (N)" if family == "yolo" else 1
+    output = ({"name": "output0", "shape": ["N", 4 + len(classes), "anchors"],
+               "meaning": "per anchor: box centre x, centre y, width, height in input pixels, then one score per "
+                          "class (sigmoid); decode with pipeline.infer.processing.yolo_postprocess"}
+              if family == "yolo" else
+              {"names": ["boxes", "labels", "scores"],
+               "meaning": "after the graph's own NMS: xyxy boxes in input pixels, labels 1..K (0 = background), "
+                          "scores"})
+    return {
+        "schema": "detflow-model-card/1",
+        "family": family, "model": model_name, "classes": classes,
+        "input": {"name": "images", "shape": [batch, 3, imgsz, imgsz], "imgsz": imgsz,
+                  "dtype": "float16" if params.export.half and family == "yolo" else "float32",
+                  "layout": "NCHW", "channel_order": "RGB", "value_range": [0.0, 1.0],
+                  "normalisation": "pixel / 255, no mean/std (the network normalises internally for Faster R-CNN)",
+                  "resize": f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
+                            "centre padding with grey 114; boxes mapped back by the same scale and offset",
+                  "dicom_window": dicom_window},
+        "output": output,
+        "postprocess": {"conf": params.evaluate.conf, "nms_iou": params.evaluate.nms_iou,
+                        "max_det": params.export.max_det},
+        "opset": opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
+        "training_data": {"source": info.get("source"), "manifest_sha256": info.get("manifest_sha256"),
+                          "split_mode": info.get("split_mode")},
+        "pretrained": (train_summary.get("transfer") or {}).get("pretrained"),
+        "metrics": {k: metrics.get(k) for k in ("split", "map50_95", "map50", "per_class", "froc", "ci95",
+                                                "n_images", "n_patients")},
+        "gate": gate, "parity": parity, "versions": _versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def export_model(params: Params, model_path: Path, prepared: Path, reports: Path, out_dir: Path) -> ExportResult:
+    """Export, check, measure parity; publish ``model.onnx`` + ``model_card.json`` only if parity holds."""
+    import onnx
+
+    from pipeline.evaluate.predict import TorchDetector
+    from pipeline.infer.engine import OnnxDetector
+
+    gate_path = reports / "gate.json"
+    if not gate_path.is_file():
+        raise DetflowError(f"{gate_path} not found: evaluate the model (`detflow evaluate`) before exporting")
+    gate = json.loads(gate_path.read_text())
+    if not gate.get("passed"):
+        raise DetflowError(f"the evaluation gate did not pass ({gate_path}); refusing to export")
+    if params.export.half:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DetflowError("export.half needs a CUDA GPU at export time (Ultralytics exports FP16 on GPU only); "
+                               "set export.half: false")
+    torch_det = TorchDetector.load(model_path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None) as t:
+        work = Path(t)
+        if torch_det.family == "yolo":
+            onnx_path, opset = _export_yolo(model_path, work, torch_det.imgsz, params), params.export.opset
+        else:
+            onnx_path, opset = _export_frcnn(model_path, work, torch_det.imgsz, params), params.export.opset_frcnn
+        onnx.checker.check_model(str(onnx_path))
+        metrics = json.loads((reports / "metrics.json").read_text()) if (reports / "metrics.json").exists() else {}
+        summary_path = reports / "train" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        card = build_card(family=torch_det.family, model_name=summary.get("model", torch_det.family),
+                          classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path, opset=opset,
+                          prepared=prepared, train_summary=summary, metrics=metrics, gate=gate, parity={},
+                          params=params)
+        card_path = work / "model_card.json"
+        card_path.write_text(json.dumps(card, indent=2))
+        onnx_det = OnnxDetector(onnx_path, card_path, providers="CPUExecutionProvider")
+        parity = measure_parity(torch_det, onnx_det, prepared, params)
+        limit = params.export.max_map_delta if torch_det.family == "yolo" else params.export.max_map_delta_frcnn
+        parity.update({"max_map_delta": limit, "passed": parity["delta"] <= limit,
+                       "seconds": round(time.perf_counter() - start, 2)})
+        atomic_write_json(reports / "parity.json", parity)
+        if not parity["passed"]:
+            raise ParityFailed(f"ONNX mAP50-95 {parity['map50_95_onnx']:.4f} vs PyTorch {parity['map50_95_torch']:.4f}:"
+                               f" delta {parity['delta']:.4f} exceeds {limit}; model not published")
+        card["parity"] = {k: parity[k] for k in ("matched_fraction", "max_abs_box_diff_px", "max_abs_score_diff",
+                                                 "map50_95_torch", "map50_95_onnx", "delta", "passed")}
+        card["version"] = card["sha256"][:12]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "model.onnx", onnx_path.read_bytes())
+        atomic_write_json(out_dir / "model_card.json", card)
+    return ExportResult(out_dir / "model.onnx", card, parity)

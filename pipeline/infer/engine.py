@@ -1,0 +1,190 @@
+"""`OnnxDetector`: the onnxruntime inference engine used by batch inference and the HTTP service.
+
+It never imports torch. It loads ``model.onnx`` with its ``model_card.json``, verifies the checksum and the
+card against the graph, chooses execution providers and reports the ones actually active (onnxruntime-gpu
+silently falls back to CPU when CUDA libraries are missing), and runs the shared pre/post-processing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DetflowError
+from pipeline.infer.processing import Detections, frcnn_postprocess, preprocess, yolo_postprocess
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(DetflowError):
+    """The model or its card is missing, corrupt, or inconsistent."""
+
+
+class ProviderError(DetflowError):
+    """A required execution provider is not active."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ImageInput:
+    """A decoded request image: RGB uint8 plus where it came from (for error reports)."""
+
+    rgb: np.ndarray
+    name: str
+
+
+class OnnxDetector:
+    """Detections from an exported model; inputs are RGB uint8 arrays, image files or DICOM."""
+
+    def __init__(self, model_path: str | os.PathLike[str], card_path: str | os.PathLike[str] | None = None,
+                 providers: str | list[str] = "auto", require_gpu: bool = False, threads: int | None = None,
+                 verify_checksum: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        self.card_path = Path(card_path) if card_path else self.model_path.with_name("model_card.json")
+        if not self.model_path.is_file():
+            raise ModelLoadError(f"model {self.model_path} not found; run `detflow export` (or `dvc repro`)")
+        if not self.card_path.is_file():
+            raise ModelLoadError(f"model card {self.card_path} not found next to the model; export writes both")
+        try:
+            self.card: dict[str, Any] = json.loads(self.card_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"model card {self.card_path} is not valid JSON: {e}") from None
+        for key in ("family", "classes", "input", "sha256"):
+            if key not in self.card:
+                raise ModelLoadError(f"model card {self.card_path} lacks {key!r}; re-export the model")
+        if verify_checksum:
+            actual = _sha256(self.model_path)
+            if actual != self.card["sha256"]:
+                raise ModelLoadError(f"checksum mismatch for {self.model_path}: the card says {self.card['sha256']}, "
+                                     f"the file is {actual} (truncated, replaced or a different export)")
+        available = ort.get_available_providers()
+        if providers == "auto":
+            wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        elif isinstance(providers, str):
+            wanted = [p.strip() for p in providers.split(",") if p.strip()]
+        else:
+            wanted = list(providers)
+        unknown = [p for p in wanted if p not in available]
+        if unknown:
+            raise ProviderError(f"execution providers {unknown} are not available in this onnxruntime build; "
+                                f"available: {', '.join(available)}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        ort.set_default_logger_severity(3)  # a CUDA provider that cannot load is reported by us, via `providers`
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=wanted)
+        except Exception as e:
+            raise ModelLoadError(f"onnxruntime cannot load {self.model_path}: {str(e).splitlines()[0]}") from None
+        self.providers: list[str] = self.session.get_providers()
+        self.requested_providers = wanted
+        if require_gpu and "CUDAExecutionProvider" not in self.providers:
+            raise ProviderError(
+                f"require_gpu is set but the CUDA provider is not active (active: {', '.join(self.providers)}; "
+                f"requested: {', '.join(wanted)}). onnxruntime-gpu falls back to CPU when CUDA/cuDNN libraries or "
+                "a GPU are missing.")
+        if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
+            log.warning("CUDA provider requested but not active; running on %s", ", ".join(self.providers))
+        self._check_card_against_graph()
+        self.family: str = self.card["family"]
+        self.classes: list[str] = list(self.card["classes"])
+        self.imgsz: int = int(self.card["input"]["imgsz"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+        post = self.card.get("postprocess", {})
+        self.conf, self.nms_iou, self.max_det = post.get("conf", 0.25), post.get("nms_iou", 0.7), \
+            post.get("max_det", 300)
+        self.dynamic_batch = self.family == "yolo"
+
+    def _check_card_against_graph(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        card_in = self.card["input"]
+        shape = inputs[0].shape
+        problems = []
+        if len(shape) != 4 or shape[1] != 3:
+            problems.append(f"graph input {inputs[0].name} has shape {shape}, expected [N, 3, H, W]")
+        for axis in (2, 3):
+            if isinstance(shape[axis], int) and shape[axis] != int(card_in["imgsz"]):
+                problems.append(f"graph input size {shape[2:]} differs from the card's imgsz {card_in['imgsz']}")
+                break
+        if self.card["family"] == "yolo":
+            nc = outputs[0].shape[1]
+            if isinstance(nc, int) and nc - 4 != len(self.card["classes"]):
+                problems.append(f"graph predicts {nc - 4} classes, the card lists {len(self.card['classes'])}")
+        elif [o.name for o in outputs] != ["boxes", "labels", "scores"]:
+            problems.append(f"Faster R-CNN graph outputs {[o.name for o in outputs]}, expected boxes, labels, scores")
+        if problems:
+            raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    def decode(self, source: str | os.PathLike[str] | bytes | np.ndarray, name: str = "") -> ImageInput:
+        """Decode a file path, raw bytes (JPEG/PNG/DICOM, by content) or an RGB/grey array."""
+        from pipeline.data.imaging import ImageLoadError, is_dicom_bytes, load_dicom, load_raster
+
+        if isinstance(source, np.ndarray):
+            arr = source
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+                raise ImageLoadError("not_an_image", f"array of shape {source.shape} is not an HxWx3 image")
+            if arr.dtype != np.uint8:
+                raise ImageLoadError("not_an_image", f"array dtype {arr.dtype}; expected uint8 RGB")
+            return ImageInput(np.ascontiguousarray(arr[:, :, :3]), name or "array")
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        label = name or (str(source) if not isinstance(source, bytes) else "bytes")
+        if is_dicom_bytes(data[:132]) or label.lower().endswith(".dcm"):
+            return ImageInput(load_dicom(data, self.dicom_window()).rgb, label)
+        return ImageInput(load_raster(data, keep_encoded=False, max_pixels=self.card.get("max_pixels")).rgb, label)
+
+    def dicom_window(self) -> tuple[float, float] | None:
+        """The training window when it came from params; None means 'the file's own tags', as in training."""
+        win = self.card["input"].get("dicom_window") or {}
+        if win.get("mode") == "params" and win.get("window"):
+            return (float(win["window"][0]), float(win["window"][1]))
+        return None
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def run(self, batch: np.ndarray) -> Any:
+        """Bare ``session.run`` on a ready NCHW tensor (the floor the benchmark compares against)."""
+        return self.session.run(None, {self.input_name: batch})
+
+    def predict(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
+                max_det: int | None = None) -> list[Detections]:
+        conf = self.conf if conf is None else conf
+        iou = self.nms_iou if iou is None else iou
+        max_det = self.max_det if max_det is None else max_det
+        if not images:
+            return []
+        batch, metas = preprocess(images, self.imgsz, self.input_dtype)
+        if self.family == "yolo":
+            raw = self.run(batch)[0].astype(np.float32, copy=False)
+            return yolo_postprocess(raw, metas, conf=conf, iou=iou, max_det=max_det)
+        out = []
+        for i, meta in enumerate(metas):  # the Faster R-CNN graph is exported for one image at a time
+            boxes, labels, scores = self.run(batch[i:i + 1])
+            out.append(frcnn_postprocess(boxes, scores, labels, meta, conf=conf, max_det=max_det))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"model": str(self.model_path), "family": self.family, "classes": self.classes, "imgsz": self.imgsz,
+                "providers": self.providers, "requested_providers": self.requested_providers,
+                "sha256": self.card["sha256"], "version": self.card.get("version")}
