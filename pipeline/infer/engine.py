@@ -131,7 +131,8 @@ class OnnxDetector:
         elif [o.name for o in outputs] != ["boxes", "labels", "scores"]:
             problems.append(f"Faster R-CNN graph outputs {[o.name for o in outputs]}, expected boxes, labels, scores")
         if problems:
-            raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: " + "; ".join(problems))
+            raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: "
+                                 + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------ inputs
 
