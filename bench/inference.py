@@ -1,0 +1,118 @@
+"""Inference throughput, one run, same model, images and thread count.
+
+Arms (images/s, batch 1 and 8):
+  engine      our OnnxDetector end to end: read file + decode + letterbox + session.run + NMS
+  bare        session.run on a ready tensor (the floor: no decode, no pre/post-processing)
+  ul_onnx     Ultralytics YOLO("model.onnx").predict on the same files
+  ul_torch    Ultralytics YOLO("best.pt").predict (PyTorch eager) on the same files
+Prints the ratios the README quotes and writes bench/results/inference.json.
+
+    python bench/inference.py --model models/model.onnx --weights models/train/best.pt \
+        --images data/prepared/images/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _interleaved(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time per arm; arms run round-robin so load drift on the machine hits all of them alike."""
+    for fn in arms.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models/model.onnx"))
+    ap.add_argument("--weights", type=Path, default=Path("models/train/best.pt"))
+    ap.add_argument("--images", type=Path, default=Path("data/prepared/images/test"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=0, help="use at most this many images (0: all)")
+    ap.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch eager arm")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from pipeline.infer import OnnxDetector
+    from pipeline.infer.processing import preprocess
+
+    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if args.limit:
+        files = files[: args.limit]
+    if not files:
+        print(f"no images in {args.images}", file=sys.stderr)
+        return 2
+    engine = OnnxDetector(args.model, providers="CPUExecutionProvider", threads=args.threads)
+    size, conf, iou = engine.imgsz, engine.conf, engine.nms_iou
+    n = len(files)
+    results: dict[str, dict[str, float]] = {}
+
+    def chunks(items: list, b: int) -> list[list]:
+        return [items[i:i + b] for i in range(0, len(items), b)]
+
+    from ultralytics import YOLO
+
+    ul_models = {"ul_onnx": YOLO(str(args.model), task="detect")}
+    if not args.skip_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        ul_models["ul_torch"] = YOLO(str(args.weights))
+    for b in (1, 8):
+        groups = chunks(files, b)
+        tensors = [preprocess([engine.decode(p).rgb for p in g], size)[0] for g in groups]
+        arms: dict[str, Callable[[], object]] = {
+            "engine": lambda groups=groups: [engine.predict([engine.decode(p).rgb for p in g]) for g in groups],
+            "bare": lambda tensors=tensors: [engine.run(t) for t in tensors],
+        }
+        for name, model in ul_models.items():
+            arms[name] = lambda model=model, groups=groups, b=b: [
+                model.predict([str(p) for p in g], imgsz=size, conf=conf, iou=iou, batch=b, device="cpu",
+                              verbose=False) for g in groups]
+        for name, seconds in _interleaved(arms, args.repeats).items():
+            results.setdefault(name, {})[f"b{b}"] = n / seconds
+
+    ratios = {}
+    for b in ("b1", "b8"):
+        ratios[f"engine_time_over_bare_{b}"] = results["bare"][b] / results["engine"][b]
+        ratios[f"engine_over_ul_onnx_throughput_{b}"] = results["engine"][b] / results["ul_onnx"][b]
+        if "ul_torch" in results:
+            ratios[f"engine_over_ul_torch_throughput_{b}"] = results["engine"][b] / results["ul_torch"][b]
+    print(f"{n} images at {size} px, {args.threads} threads, median of {args.repeats} runs (images/s):")
+    print(f"{'arm':<10} {'batch 1':>9} {'batch 8':>9}")
+    for name, row in results.items():
+        print(f"{name:<10} {row['b1']:>9.1f} {row['b8']:>9.1f}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"images": n, "imgsz": size, "threads": args.threads, "repeats": args.repeats,
+                               "providers": engine.providers, "images_per_s": results,
+                               "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                               "model": str(args.model), "machine": platform.processor() or platform.machine(),
+                               "python": sys.version.split()[0], "numpy": np.__version__}, indent=2))
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
