@@ -30,6 +30,8 @@ class PhantomParams(_Section):
     min_radius: int = Field(3, ge=1)
     max_radius: int = Field(15, ge=1)
     empty_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    vessels: float = Field(8.0, ge=0.0, le=100.0)
+    ground_glass_fraction: float = Field(0.25, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _radii(self) -> PhantomParams:

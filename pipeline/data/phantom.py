@@ -36,7 +36,11 @@ HU_FAT = -100.0
 HU_SOFT = 40.0
 HU_BONE = 700.0
 NOISE_SIGMA_HU = 10.0
-NODULE_HU_RANGE = (-100.0, 100.0)
+NODULE_HU_RANGE = (-100.0, 100.0)  # solid nodules
+GROUND_GLASS_HU_RANGE = (-650.0, -450.0)  # faint part-solid / ground-glass nodules
+VESSEL_HU_RANGE = (-100.0, 60.0)  # vessel cross-sections and short segments: unlabelled look-alikes
+VESSEL_RADIUS_RANGE = (0.8, 2.4)
+VESSEL_MAX_LENGTH_PX = 14.0
 
 RESCALE_INTERCEPT = -1024
 PIXEL_SPACING_MM = 0.7
@@ -215,7 +219,8 @@ def _draw_lung(img: np.ndarray, lung: _Lung, hu: float) -> None:
 
 
 def _place_nodules(
-    rng: np.random.Generator, lungs: tuple[_Lung, _Lung], count: int, r_lo: float, r_hi: float
+    rng: np.random.Generator, lungs: tuple[_Lung, _Lung], count: int, r_lo: float, r_hi: float,
+    ground_glass_fraction: float = 0.0,
 ) -> list[tuple[float, float, float, float]]:
     """Draw up to ``count`` non-overlapping nodules (cx, cy, r, hu) whose whole disc lies inside a lung.
 
@@ -242,7 +247,8 @@ def _place_nodules(
                 continue
             if any(math.hypot(cx - px, cy - py) < r + pr + NODULE_GAP_PX for px, py, pr, _ in placed):
                 continue
-            placed.append((cx, cy, r, float(rng.uniform(*NODULE_HU_RANGE))))
+            hu_range = GROUND_GLASS_HU_RANGE if rng.random() < ground_glass_fraction else NODULE_HU_RANGE
+            placed.append((cx, cy, r, float(rng.uniform(*hu_range))))
             break
     return placed
 
@@ -263,6 +269,35 @@ def _draw_nodule(img: np.ndarray, cx: float, cy: float, r: float, hu: float) -> 
     value = hu + 25.0 * (1.0 - np.clip(d / r, 0.0, 1.0) ** 2)  # slightly denser core
     patch = img[y0:y1, x0:x1]
     img[y0:y1, x0:x1] = patch + weight * (value - patch)
+
+
+def _draw_vessels(img: np.ndarray, rng: np.random.Generator, lungs: tuple[_Lung, _Lung], count: int) -> None:
+    """Unlabelled bright capsules inside the lungs: vessels seen end-on (dots) or obliquely (short segments).
+
+    They are what makes nodule detection hard in real CT: small vessels look like small nodules, so a detector
+    must learn shape and size cues, and FROC has false positives to count.
+    """
+    size = img.shape[0]
+    for _ in range(count):
+        lung = lungs[int(rng.integers(2))]
+        x0 = float(lung.cx + rng.uniform(-1, 1) * lung.ax)
+        y0 = float(lung.cy + rng.uniform(-1, 1) * lung.ay)
+        angle, length = rng.uniform(0, math.pi), rng.uniform(0.0, VESSEL_MAX_LENGTH_PX)
+        r, hu = rng.uniform(*VESSEL_RADIUS_RANGE), rng.uniform(*VESSEL_HU_RANGE)
+        if lung.rho(np.array(x0), np.array(y0)) > 0.85:
+            continue
+        x1, y1 = x0 + length * math.cos(angle), y0 + length * math.sin(angle)
+        lo_x, hi_x = max(int(min(x0, x1) - r - 2), 0), min(int(max(x0, x1) + r + 3), size)
+        lo_y, hi_y = max(int(min(y0, y1) - r - 2), 0), min(int(max(y0, y1) + r + 3), size)
+        if lo_x >= hi_x or lo_y >= hi_y:
+            continue
+        ys, xs = np.mgrid[lo_y:hi_y, lo_x:hi_x] + 0.5
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((xs - x0) * dx + (ys - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
+        d = np.hypot(xs - (x0 + t * dx), ys - (y0 + t * dy))
+        weight = _smoothstep((r - d) / max(r / 2.0, 0.5)) * (lung.rho(xs, ys) < 1.0)
+        patch = img[lo_y:hi_y, lo_x:hi_x]
+        img[lo_y:hi_y, lo_x:hi_x] = patch + weight * (hu - patch)
 
 
 def _slice_dataset(
@@ -395,11 +430,13 @@ def generate_phantom(params: PhantomParams, out_dir: Path, progress: bool = True
                 img = body.copy()
                 for lung in lungs:
                     _draw_lung(img, lung, anat.hu_lung)
+                _draw_vessels(img, prng, lungs, int(prng.poisson(params.vessels)) if params.vessels else 0)
                 nodules: list[tuple[float, float, float, float]] = []
                 if counts[p, s] > 0:
                     # Never below min_radius: the up-front check guarantees every lung fits it.
                     r_hi = min(float(params.max_radius), min(lg.max_fit_radius() for lg in lungs))
-                    nodules = _place_nodules(prng, lungs, int(counts[p, s]), float(params.min_radius), r_hi)
+                    nodules = _place_nodules(prng, lungs, int(counts[p, s]), float(params.min_radius), r_hi,
+                                             params.ground_glass_fraction)
                 for cx, cy, r, hu in nodules:
                     _draw_nodule(img, cx, cy, r, hu)
                 img += prng.normal(0.0, NOISE_SIGMA_HU, size=img.shape)

@@ -52,6 +52,7 @@ class ServeSettings(BaseModel):
     microbatch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
     microbatch_max_size: int = Field(8, ge=1, le=256)
     warmup: bool = Field(True, description="run one inference before reporting ready")
+    max_inflight: int = Field(64, ge=1, description="detection requests in progress at once; more get 503")
 
     # security
     token: SecretStr | None = Field(None, description="bearer token required on /v1/* when set")

@@ -1,0 +1,59 @@
+"""HTTP inference service over the ONNX engine (FastAPI + uvicorn). Never imports torch.
+
+Entry points: ``serve(model, host, port, ...)`` (what ``detflow serve`` calls), ``run(settings)``,
+``create_app(settings, detector=None)`` and ``python -m pipeline.serve --model ... --host ... --port ...``.
+
+Settings come from ``DETFLOW_SERVE_*`` environment variables (see :class:`ServeSettings`), explicit arguments win.
+
+Endpoints
+  POST /v1/detect        multipart field ``file``: one JPEG/PNG/DICOM file (type from the bytes)
+  POST /v1/detect/batch  repeated multipart field ``files`` (at most ``max_batch_files``); 200 with per-item status
+  GET  /v1/model         the model card, providers in use, limits
+  GET  /health/live      200 while the process runs
+  GET  /health/ready     200 after the model loaded and one warm-up inference ran, else 503
+  GET  /metrics          Prometheus text
+  GET  /docs             OpenAPI UI
+
+Auth: when ``DETFLOW_SERVE_TOKEN`` is set, every ``/v1/*`` endpoint (``/v1/model`` included: the card describes
+the training data) needs ``Authorization: Bearer <token>`` (compared in constant time); 401 otherwise.
+``/health/*``, ``/metrics`` and the docs stay open for probes and scrapers.
+
+Status codes (body always ``{"error": {"code", "message"}}``)
+  400 empty_body, empty_file, bad_multipart        401 unauthorized
+  413 payload_too_large (bytes; from Content-Length before reading, else a counted read),
+      image_too_large (width x height > max_pixels, read from the PNG/JPEG/DICOM header before decoding)
+  415 unsupported_request_type (not multipart), unsupported_media_type (bytes are not JPEG/PNG/DICOM)
+  422 missing_file, too_many_files, corrupt_image (e.g. truncated JPEG), corrupt_dicom, dicom_no_pixel_data,
+      dicom_multiframe, dicom_unsupported_compression, validation_error
+  500 inference_error / internal_error (unexpected; counted in detflow_serve_inference_errors_total)
+  503 not_ready (loading or warming up), overloaded (more than max_inflight requests in progress)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["ServeSettings", "create_app", "run", "serve"]
+
+
+def create_app(settings: ServeSettings | None = None, detector: Any = None) -> FastAPI:
+    from pipeline.serve.app import create_app as _create_app
+
+    return _create_app(settings, detector)
+
+
+def run(settings: ServeSettings) -> None:
+    from pipeline.serve.server import run as _run
+
+    _run(settings)
+
+
+def serve(model: Any = None, host: str | None = None, port: int | None = None, **options: Any) -> None:
+    from pipeline.serve.server import serve as _serve
+
+    _serve(model, host, port, **options)
