@@ -42,7 +42,8 @@ def _train(tmp_path: Path, prepared: Path, mirror: Path | None, *overrides: str)
 
 def _ema_state(path: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in ckpt["ema"].state_dict().items()}
+    model = ckpt.get("ema") or ckpt["model"]  # a finished run's checkpoint keeps the EMA under "model"
+    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.realdata

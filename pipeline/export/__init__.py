@@ -125,11 +125,16 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "torchvision", "ultralytics", "onnx", "onnxruntime-gpu", "onnxruntime", "detflow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
+    names = {"torch": ["torch"], "torchvision": ["torchvision"],
+             "ultralytics": ["ultralytics", "ultralytics-opencv-headless"], "onnx": ["onnx"],
+             "onnxruntime": ["onnxruntime-gpu", "onnxruntime"], "detflow": ["detflow"]}
+    for key, dists in names.items():
+        for dist in dists:
+            try:
+                out[key] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                continue
     return out
 
 

@@ -213,6 +213,32 @@ def plot_training_curves(results_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def _dedupe_epochs(results: Path) -> list[dict[str, str]]:
+    """Rows of results.csv, one per epoch (the last written wins).
+
+    A run killed after logging an epoch but before checkpointing it redoes that epoch on resume, and
+    Ultralytics appends a second row for it.
+    """
+    import csv
+
+    rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(open(results))]
+    by_epoch: dict[str, dict[str, str]] = {}
+    for i, r in enumerate(rows):
+        by_epoch[r.get("epoch", str(i))] = r
+    return sorted(by_epoch.values(), key=lambda r: float(r.get("epoch", 0) or 0))
+
+
+def _csv_text(rows: list[dict[str, str]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_dir: Path, best: Path, last: Path,
                 out_dir: Path, reports_dir: Path, transfer_report: dict[str, Any] | None,
                 frozen_by_epoch: dict[int, list[str]], group_params: dict[str, int],
@@ -222,7 +248,6 @@ def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_d
     Outputs: ``out_dir/{best,last}.pt`` and ``params.yaml``; ``reports_dir/{transfer,summary,metrics}.json``,
     ``results.csv``, ``live/`` (DVCLive) and ``figures/``.
     """
-    import csv
     import shutil
 
     import yaml
@@ -240,14 +265,14 @@ def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_d
     reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(reports_dir / "transfer.json", transfer)
     results = run_dir / "results.csv"
-    rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(open(results))] if results.exists() else []
+    rows = _dedupe_epochs(results) if results.exists() else []
     metrics: dict[str, float] = {"epochs": float(len(rows))}
     if rows:
         m50 = [float(r.get("metrics/mAP50(B)", "nan")) for r in rows]
         m5095 = [float(r.get("metrics/mAP50-95(B)", "nan")) for r in rows]
         metrics.update({"val_map50": m50[-1], "val_map50_95": m5095[-1], "best_val_map50": max(m50),
                         "best_val_map50_95": max(m5095)})
-        atomic_write_bytes(reports_dir / "results.csv", results.read_bytes())
+        atomic_write_text(reports_dir / "results.csv", _csv_text(rows))
     atomic_write_json(reports_dir / "metrics.json", metrics)
     for sub in ("live", "figures"):
         if (reports_dir / sub).exists():
@@ -256,8 +281,8 @@ def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_d
         shutil.copytree(run_dir / "live", reports_dir / "live")
     figures = reports_dir / "figures"
     figures.mkdir()
-    if results.exists():
-        plot_training_curves(results, figures / "training_curves.png")
+    if rows:
+        plot_training_curves(reports_dir / "results.csv", figures / "training_curves.png")
     for fig in extra_figures:
         if fig.exists():
             shutil.copy(fig, figures / fig.name)
