@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="detflow: transfer-learning detection pipeline for medical imaging.")
 assets_app = typer.Typer(no_args_is_help=True, help="List and fetch named assets (datasets, weights).")
 app.add_typer(assets_app, name="assets")
+registry_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back registered model versions.")
+app.add_typer(registry_app, name="registry")
+flow_app = typer.Typer(no_args_is_help=True, help="Run the Prefect flows locally (PREFECT_API_URL: a server to report "
+                       "to; unset: a temporary local one).")
+app.add_typer(flow_app, name="flow")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.epochs=3 (repeatable)")]
@@ -203,6 +208,98 @@ def assets_fetch(
 
     path = assets.fetch(name, raw_dir=raw_dir, mirrors=mirror, trust=trust, progress=_progress(quiet))
     typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="ONNX model (model_card.json next to it); "
+                                               "default models/model.onnx")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    card: Annotated[Path | None, typer.Option(help="model card, when not next to the model")] = None,
+    providers: Annotated[str | None, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = None,
+    require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="inference thread pool size (default: CPU count)")] = None,
+    microbatch: Annotated[bool, typer.Option(help="collect concurrent requests into one predict call")] = False,
+    log_level: Annotated[str | None, typer.Option(help="critical, error, warning, info, debug")] = None,
+) -> None:
+    """HTTP inference service (FastAPI + uvicorn); more settings in DETFLOW_SERVE_* variables (TOKEN enables auth)."""
+    from pipeline.serve import serve as run_server
+
+    run_server(model, host, port, card=card, providers=providers, require_gpu=require_gpu or None,
+               workers=workers, microbatch=microbatch or None, log_level=log_level)
+
+
+RegistryRootOpt = Annotated[Path | None, typer.Option("--root", help="registry folder; default: the folder of "
+                                                      "gate.champion in params.yaml (models/registry)")]
+
+
+def _registry_root(root: Path | None, params: Path = Path("params.yaml")) -> Path:
+    return root if root is not None else Path(_params(params, None).gate.champion).parent
+
+
+@registry_app.command("list")
+def registry_list(root: RegistryRootOpt = None) -> None:
+    """Show every registered model version, oldest first; * marks the champion."""
+    from pipeline import registry
+
+    root = _registry_root(root)
+    versions = registry.list_versions(root)
+    if not versions:
+        typer.echo(f"no model versions in {root} (run `detflow flow run`)")
+        return
+    for v in versions:
+        commit = (v.get("git_commit") or "-")[:10] + ("+dirty" if v.get("git_dirty") else "")
+        map50 = "n/a" if v.get("map50") is None else f"{v['map50']:.4f}"
+        typer.echo(f"{'*' if v['champion'] else ' '} {v['version']:<5} {v['created_at']}  sha256 {v['sha256'][:12]}  "
+                   f"mAP50 {map50}  {v.get('family')}/{v.get('model')}  git {commit}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: Annotated[str, typer.Argument(help="version to make champion, e.g. v3")],
+    root: RegistryRootOpt = None,
+) -> None:
+    """Make VERSION the champion (atomic switch of champion.json; the old champion is kept for rollback)."""
+    from pipeline import registry
+
+    root = _registry_root(root)
+    before = registry.champion(root)
+    pointer = registry.promote(version, root, reason="detflow registry promote")
+    if before is not None and before["version"] == pointer["version"]:
+        typer.echo(f"{pointer['version']} is already the champion")
+        return
+    typer.echo(f"champion: {pointer['version']} (sha256 {pointer['sha256'][:12]}); "
+               f"previous: {pointer['previous'] or 'none'}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(root: RegistryRootOpt = None) -> None:
+    """Make the previous champion current again (repeatable down the promotion history)."""
+    from pipeline import registry
+
+    root = _registry_root(root)
+    before = registry.champion(root)
+    pointer = registry.rollback(root, reason="detflow registry rollback")
+    typer.echo(f"rolled back {before['version'] if before else '?'} -> champion: {pointer['version']} "
+               f"(sha256 {pointer['sha256'][:12]}); previous: {pointer['previous'] or 'none'}")
+
+
+@flow_app.command("run")
+def flow_run(
+    set_: SetOpt = None,
+    push: Annotated[bool, typer.Option(help="dvc push the outputs to the DVC remote afterwards")] = False,
+    remote: Annotated[str | None, typer.Option(help="DVC remote URL or folder (default: $DETFLOW_DVC_REMOTE, "
+                                                    "else the repository's default remote)")] = None,
+    repo: Annotated[Path, typer.Option(help="repository checkout to run in")] = Path("."),
+) -> None:
+    """Run the training flow locally: each DVC stage as a Prefect task, then report, register and promote."""
+    from flows.training import training_pipeline
+
+    summary = training_pipeline(overrides=set_ or [], push=push, repo=str(repo), remote=remote)
+    for stage, s in summary["stages"].items():
+        typer.echo(f"  {stage:<9} {s['status']:<8} {s['seconds']:>7.1f} s")
+    typer.echo(f"{summary['message']}; champion {summary['champion']} ({summary['seconds']:.1f} s)")
 
 
 def main() -> None:

@@ -140,6 +140,7 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
 def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int | None = None) -> LoadedImage:
     """Decode JPEG/PNG/...; RGBA and grayscale become RGB and the conversion is reported."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    fmt = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

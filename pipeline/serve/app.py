@@ -37,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeline.data.imaging import ImageLoadError, is_dicom_bytes, load_dicom, load_raster
 from pipeline.serve.settings import ServeSettings
@@ -447,6 +448,8 @@ class ServiceMiddleware:
                 if int(declared) > limit[0]:  # reject before reading a single byte of the body
                     raise BodyTooLarge(limit[1])
             await self.app(scope, receive_wrapper, send_wrapper)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing went wrong here
+            status["code"] = 499
         except ApiError as e:
             if status["started"]:
                 raise
@@ -475,6 +478,8 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
     """The service. ``detector`` (an already loaded `OnnxDetector`, or anything with its interface) skips the
     background load; the warm-up inference always runs in the background after start-up."""
     settings = settings or ServeSettings.from_env()
+    # pydicom's warnings quote element values (a malformed PatientName would end up in the log): errors only
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     metrics = Metrics()
     state = ServiceState(settings, metrics)
     background: list[asyncio.Task[Any]] = []
