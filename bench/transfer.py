@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="extra param overrides")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--arms", default="coco,scratch", help="comma list of arms to run: coco, scratch")
     ap.add_argument("--out", type=Path, default=Path("bench/results/transfer.json"))
     args = ap.parse_args(argv)
 
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_dataset(params, prepared, work / "data_validation.json", phantom_dir=work / "phantom", progress=False)
 
     arms = {}
+    wanted = {a.strip() for a in args.arms.split(",") if a.strip()}
     for name, pretrained in (("coco", "coco"), ("scratch", "none")):
+        if name not in wanted:
+            continue
         p = load_params(None, [*base, f"train.pretrained={pretrained}"])
         start = time.perf_counter()
         result = train_model(p, prepared, work / name / "models", work / name / "reports", work / name / "run",
@@ -67,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
                       **test_map50(result.best, prepared, args.imgsz)}
         print(f"{name:>8}: test mAP50 {arms[name]['map50']:.3f}  mAP50-95 {arms[name]['map50_95']:.3f}  "
               f"({result.epochs_run} epochs, {wall:.0f} s)", flush=True)
-    ratio = arms["coco"]["map50"] / max(arms["scratch"]["map50"], 1e-9)
-    print(f"COCO-pretrained / scratch test mAP50 ratio: {ratio:.2f}")
+    ratio = None
+    if {"coco", "scratch"} <= set(arms):
+        ratio = round(arms["coco"]["map50"] / max(arms["scratch"]["map50"], 1e-9), 3)
+        print(f"COCO-pretrained / scratch test mAP50 ratio: {ratio:.2f}")
     atomic_write_json(args.out, {"source": args.source, "model": args.model, "epochs": args.epochs,
                                  "imgsz": args.imgsz, "seed": args.seed, "overrides": base, "arms": arms,
-                                 "map50_ratio_coco_over_scratch": round(ratio, 3),
+                                 "map50_ratio_coco_over_scratch": ratio,
                                  "machine": {"python": sys.version.split()[0], "cpu": platform.processor()
                                              or platform.machine()}})
     return 0

@@ -75,7 +75,11 @@ class OnnxDetector:
                                      f"the file is {actual} (truncated, replaced or a different export)")
         available = ort.get_available_providers()
         if providers == "auto":
-            wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            # onnxruntime-gpu lists CUDA even without a GPU; asking for it then costs a failed library load.
+            # With require_gpu we always ask, so the failure is reported rather than assumed.
+            gpu_present = require_gpu or Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()
+            wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                      if p in available and (p != "CUDAExecutionProvider" or gpu_present)]
         elif isinstance(providers, str):
             wanted = [p.strip() for p in providers.split(",") if p.strip()]
         else:
