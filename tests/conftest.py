@@ -53,3 +53,31 @@ def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "phantom"
     generate_phantom(PhantomParams(patients=6, slices=4, seed=3), out, progress=False)
     return out
+
+
+# Params for a tiny but real model: 2 epochs at 64 px from scratch, gates at 0 so export always runs.
+TINY_EXPORT = ["train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
+               "train.augment.mosaic=false", "train.epochs=2", "train.pretrained=none", "evaluate.bootstrap=50",
+               "gate.min_map50=0", "gate.min_cpm=0", "gate.min_sensitivity_at_1fp=0", "evaluate.conf=0.01"]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> dict[str, Path]:
+    """phantom -> prepare -> train -> evaluate -> export, once per session; tests copy before they modify."""
+    from pipeline.config import load_params
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.evaluate import evaluate_model
+    from pipeline.export import export_model
+    from pipeline.train import train_model
+
+    root = tmp_path_factory.mktemp("exported")
+    params = load_params(None, TINY_EXPORT)
+    prepare_dataset(params, root / "prepared", root / "reports" / "data_validation.json", phantom_dir=small_phantom,
+                    progress=False)
+    result = train_model(params, root / "prepared", root / "models" / "train", root / "reports" / "train",
+                         root / "work", mirrors=[], progress=False)
+    evaluate_model(params, result.best, root / "prepared", root / "reports", progress=False)
+    export_model(params, result.best, root / "prepared", root / "reports", root / "models")
+    return {"root": root, "prepared": root / "prepared", "reports": root / "reports", "best": result.best,
+            "onnx": root / "models" / "model.onnx", "card": root / "models" / "model_card.json",
+            "phantom": small_phantom}

@@ -169,26 +169,6 @@ def _multipart(field: str, name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> dict[str, Path]:
-    from pipeline.config import load_params
-    from pipeline.data.prepare import prepare_dataset
-    from pipeline.evaluate import evaluate_model
-    from pipeline.export import export_model
-    from pipeline.train import train_model
-
-    tiny = ["train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
-            "train.augment.mosaic=false", "train.epochs=2", "train.pretrained=none", "evaluate.bootstrap=50",
-            "gate.min_map50=0", "gate.min_cpm=0", "gate.min_sensitivity_at_1fp=0", "evaluate.conf=0.01"]
-    root = tmp_path_factory.mktemp("docker-serve")
-    params = load_params(None, tiny)
-    prepare_dataset(params, root / "prepared", root / "reports" / "data_validation.json", phantom_dir=small_phantom,
-                    progress=False)
-    result = train_model(params, root / "prepared", root / "models" / "train", root / "reports" / "train",
-                         root / "work", mirrors=[], progress=False)
-    evaluate_model(params, result.best, root / "prepared", root / "reports", progress=False)
-    export_model(params, result.best, root / "prepared", root / "reports", root / "models")
-    return {"onnx": root / "models" / "model.onnx", "prepared": root / "prepared"}
 
 
 @pytest.mark.slow

@@ -22,33 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import load_params
-from pipeline.data.prepare import prepare_dataset
-
-TINY = ["train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0", "train.augment.mosaic=false",
-        "train.epochs=2", "train.pretrained=none", "evaluate.bootstrap=50", "gate.min_map50=0", "gate.min_cpm=0",
-        "gate.min_sensitivity_at_1fp=0", "evaluate.conf=0.01"]
 SECRET_PATIENT = "SECRET^PATIENT-4711"
 # starlette 1.x asks for httpx2 in its TestClient; httpx is what this environment has
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> dict[str, Path]:
-    from pipeline.evaluate import evaluate_model
-    from pipeline.export import export_model
-    from pipeline.train import train_model
-
-    root = tmp_path_factory.mktemp("serve")
-    params = load_params(None, TINY)
-    prepare_dataset(params, root / "prepared", root / "reports" / "data_validation.json", phantom_dir=small_phantom,
-                    progress=False)
-    result = train_model(params, root / "prepared", root / "models" / "train", root / "reports" / "train",
-                         root / "work", mirrors=[], progress=False)
-    evaluate_model(params, result.best, root / "prepared", root / "reports", progress=False)
-    export_model(params, result.best, root / "prepared", root / "reports", root / "models")
-    return {"root": root, "prepared": root / "prepared", "onnx": root / "models" / "model.onnx",
-            "card": root / "models" / "model_card.json", "phantom": small_phantom}
 
 
 @pytest.fixture(scope="module")
