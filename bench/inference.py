@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ul_models["ul_torch"] = YOLO(str(args.weights))
     for b in (1, 8):
         groups = chunks(files, b)
-        tensors = [preprocess([engine.decode(p).rgb for p in g], size)[0] for g in groups]
+        tensors = [preprocess([engine.decode(p).rgb for p in g], size, stride=engine.stride)[0] for g in groups]
         arms: dict[str, Callable[[], object]] = {
             "engine": lambda groups=groups: [engine.predict([engine.decode(p).rgb for p in g]) for g in groups],
             "bare": lambda tensors=tensors: [engine.run(t) for t in tensors],

@@ -58,6 +58,47 @@ def test_engine_matches_torch_on_same_images(exported: dict[str, Path]) -> None:
     assert np.array_equal(engine.decode(files[0].read_bytes()).rgb, rgbs[0])
 
 
+def test_rect_letterbox_shapes_and_mapping() -> None:
+    from pipeline.infer.processing import preprocess, rect_shape, unletterbox
+
+    assert rect_shape(480, 640, 416, 32) == (320, 416)  # Ultralytics LetterBox(auto=True): 312 -> 320
+    assert rect_shape(640, 480, 416, 32) == (416, 320) and rect_shape(256, 256, 256, 32) == (256, 256)
+    wide = np.zeros((480, 640, 3), np.uint8)
+    wide[100:200, 300:400] = 255
+    batch, metas = preprocess([wide], 416, stride=32)
+    assert batch.shape == (1, 3, 320, 416) and metas[0].pad_x == 0 and metas[0].pad_y == 4
+    ys, xs = np.nonzero(batch[0, 0] > 0.99)  # the white square, found in the tensor and mapped back
+    back = unletterbox(np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float), metas[0])[0]
+    assert np.abs(back - [300, 100, 400, 200]).max() <= 1.6
+    mixed, metas = preprocess([wide, wide.transpose(1, 0, 2)], 416, stride=32)
+    assert mixed.shape == (2, 3, 416, 416) and metas[0].pad_y == 52 and metas[1].pad_x == 52
+    square, _ = preprocess([wide], 416)
+    assert square.shape == (1, 3, 416, 416)
+
+
+def test_engine_pads_minimally_and_matches_torch_on_non_square_images(exported: dict[str, Path]) -> None:
+    from PIL import Image
+
+    from pipeline.evaluate.predict import TorchDetector
+    from pipeline.infer import OnnxDetector
+
+    engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
+    torch_det = TorchDetector.load(exported["best"])
+    card = json.loads(exported["card"].read_text())
+    assert card["input"]["stride"] == 32 and card["input"]["shape"][2:] == ["H", "W"] and engine.stride == 32
+    files = sorted((exported["prepared"] / "images" / "test").iterdir())[:4]
+    crops = [np.ascontiguousarray(np.asarray(Image.open(f).convert("RGB"))[:, 60:160]) for f in files]  # 256x100
+    from pipeline.infer.processing import preprocess
+
+    assert preprocess(crops, engine.imgsz, stride=engine.stride)[0].shape[2:] == (64, 32)  # not 64x64
+    a, b = engine.predict(crops, conf=0.01), torch_det.predict(crops, conf=0.01)
+    for x, y in zip(a, b, strict=True):
+        assert len(x) == len(y)
+        if len(x):
+            assert np.abs(x.boxes - y.boxes).max() < 1e-2 and np.abs(x.scores - y.scores).max() < 1e-4
+            assert (x.boxes[:, [0, 2]] <= 100).all() and (x.boxes[:, [1, 3]] <= 256).all()
+
+
 def test_importing_the_engine_does_not_import_torch() -> None:
     code = ("import sys, pipeline.infer, pipeline.infer.batch, pipeline.infer.engine; "
             "print('torch' in sys.modules, 'torchvision' in sys.modules, 'ultralytics' in sys.modules)")

@@ -26,6 +26,7 @@ class TorchDetector:
     imgsz: int
     classes: list[str]
     device: str = "cpu"
+    stride: int = 0  # > 0: minimal (rect) letterbox padding to this multiple; 0: square (fixed-shape models)
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> TorchDetector:
@@ -45,7 +46,8 @@ class TorchDetector:
             model = model.fuse(verbose=False)
         names = model.names if isinstance(model.names, list) else [model.names[k] for k in sorted(model.names)]
         imgsz = int(ckpt.get("train_args", {}).get("imgsz", 640))
-        return cls("yolo", model.to(device), imgsz, list(names), device)
+        stride = int(max(model.stride.tolist())) if hasattr(model, "stride") else 32
+        return cls("yolo", model.to(device), imgsz, list(names), device, stride)
 
     @torch.inference_mode()
     def raw(self, batch: np.ndarray) -> Any:
@@ -59,7 +61,7 @@ class TorchDetector:
 
     def predict(self, images: list[np.ndarray], conf: float = 0.001, iou: float = 0.7,
                 max_det: int = 300) -> list[Detections]:
-        batch, metas = preprocess(images, self.imgsz)
+        batch, metas = preprocess(images, self.imgsz, stride=self.stride)
         raw = self.raw(batch)
         if self.family == "yolo":
             return yolo_postprocess(raw, metas, conf=conf, iou=iou, max_det=max_det)

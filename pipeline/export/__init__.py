@@ -140,7 +140,7 @@ def _versions() -> dict[str, str]:
 
 def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, onnx_path: Path, opset: int,
                prepared: Path, train_summary: dict, metrics: dict, gate: dict, parity: dict,
-               params: Params) -> dict[str, Any]:
+               params: Params, stride: int = 0) -> dict[str, Any]:
     """The machine-readable contract that ships next to model.onnx."""
     info = json.loads((prepared / "prepare_info.json").read_text())
     windows = info.get("dicom_windows_used") or []
@@ -151,6 +151,16 @@ def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, 
                         "rescale": "RescaleSlope/RescaleIntercept applied first (HU)",
                         "monochrome1": "inverted"}
     batch = "dynamic (N)" if family == "yolo" else 1
+    if stride:
+        shape: list[Any] = [batch, 3, "H", "W"]
+        resize = (f"letterbox: scale so the image fits {imgsz}x{imgsz} keeping the aspect ratio, bilinear "
+                  f"(cv2.INTER_LINEAR), then pad (centred, grey 114) to the smallest multiple of {stride} per side "
+                  f"(a 640x480 image becomes {imgsz}x{(-(-round(480 * imgsz / 640) // stride)) * stride}); a batch "
+                  "is padded to its largest such shape; boxes mapped back by the same scale and offset")
+    else:
+        shape = [batch, 3, imgsz, imgsz]
+        resize = (f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
+                  "centre padding with grey 114; boxes mapped back by the same scale and offset")
     output = ({"name": "output0", "shape": ["N", 4 + len(classes), "anchors"],
                "meaning": "per anchor: box centre x, centre y, width, height in input pixels, then one score per "
                           "class (sigmoid); decode with pipeline.infer.processing.yolo_postprocess"}
@@ -161,12 +171,11 @@ def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, 
     return {
         "schema": "detflow-model-card/1",
         "family": family, "model": model_name, "classes": classes,
-        "input": {"name": "images", "shape": [batch, 3, imgsz, imgsz], "imgsz": imgsz,
+        "input": {"name": "images", "shape": shape, "imgsz": imgsz, "stride": stride,
                   "dtype": "float16" if params.export.half and family == "yolo" else "float32",
                   "layout": "NCHW", "channel_order": "RGB", "value_range": [0.0, 1.0],
                   "normalisation": "pixel / 255, no mean/std (the network normalises internally for Faster R-CNN)",
-                  "resize": f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
-                            "centre padding with grey 114; boxes mapped back by the same scale and offset",
+                  "resize": resize,
                   "dicom_window": dicom_window},
         "output": output,
         "postprocess": {"conf": params.evaluate.conf, "nms_iou": params.evaluate.nms_iou,
@@ -216,7 +225,7 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card = build_card(family=torch_det.family, model_name=summary.get("model", torch_det.family),
                           classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path, opset=opset,
                           prepared=prepared, train_summary=summary, metrics=metrics, gate=gate, parity={},
-                          params=params)
+                          params=params, stride=torch_det.stride)
         card_path = work / "model_card.json"
         card_path.write_text(json.dumps(card, indent=2))
         onnx_det = OnnxDetector(onnx_path, card_path, providers="CPUExecutionProvider")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,11 @@ class OnnxDetector:
         self.conf, self.nms_iou, self.max_det = post.get("conf", 0.25), post.get("nms_iou", 0.7), \
             post.get("max_det", 300)
         self.dynamic_batch = self.family == "yolo"
+        self._local = threading.local()
+        # Minimal (rect) padding only where the card says the model takes it and the graph's H/W are dynamic.
+        in_shape = self.session.get_inputs()[0].shape
+        self.stride: int = int(self.card["input"].get("stride") or 0) \
+            if all(isinstance(d, str) for d in in_shape[2:]) else 0
 
     def _check_card_against_graph(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -179,7 +185,8 @@ class OnnxDetector:
         max_det = self.max_det if max_det is None else max_det
         if not images:
             return []
-        batch, metas = preprocess(images, self.imgsz, self.input_dtype)
+        local = self._local.__dict__.setdefault("buffers", {})  # per thread: the service predicts from several
+        batch, metas = preprocess(images, self.imgsz, self.input_dtype, stride=self.stride, buffers=local)
         if self.family == "yolo":
             raw = self.run(batch)[0].astype(np.float32, copy=False)
             return yolo_postprocess(raw, metas, conf=conf, iou=iou, max_det=max_det)

@@ -16,7 +16,7 @@ PAD_VALUE = 114
 
 @dataclass(frozen=True)
 class LetterboxMeta:
-    """How an original image maps into the square model input: ``model = orig * scale + (pad_x, pad_y)``."""
+    """How an original image maps into the model input: ``model = orig * scale + (pad_x, pad_y)``."""
 
     scale: float
     pad_x: float
@@ -25,30 +25,72 @@ class LetterboxMeta:
     orig_h: int
 
 
-def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxMeta]:
-    """Resize keeping the aspect ratio and pad to ``size`` x ``size``; returns HWC uint8 and the mapping."""
+def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
+    """The smallest stride-multiple (H, W) holding the image scaled so its long side is ``size``.
+
+    Ultralytics' ``LetterBox(auto=True)`` (what its predictor uses for dynamic-shape models): a 640x480 image at
+    416 becomes 416x320 instead of 416x416, 23 % fewer pixels for the same boxes.
+    """
+    scale = min(size / h, size / w)
+    new_h, new_w = int(round(h * scale)), int(round(w * scale))
+    return (min(size, -(-new_h // stride) * stride), min(size, -(-new_w // stride) * stride))
+
+
+def letterbox(rgb: np.ndarray, size: int, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, LetterboxMeta]:
+    """Resize so the image fits ``size`` x ``size`` keeping the aspect ratio, then pad (centred, grey 114) to
+    ``shape`` = (H, W), by default ``size`` x ``size``. Returns HWC uint8 and the mapping back."""
     h, w = rgb.shape[:2]
+    out_h, out_w = shape or (size, size)
     scale = min(size / h, size / w)
     new_w, new_h = int(round(w * scale)), int(round(h * scale))
+    if new_w > out_w or new_h > out_h:
+        raise ValueError(f"letterbox target {out_h}x{out_w} is smaller than the resized image {new_h}x{new_w}")
     if (new_w, new_h) != (w, h):
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    dw, dh = (out_w - new_w) / 2, (out_h - new_h) / 2
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     out = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return out, LetterboxMeta(scale=scale, pad_x=float(left), pad_y=float(top), orig_w=w, orig_h=h)
 
 
-def to_tensor(batch_hwc: list[np.ndarray], dtype: type = np.float32) -> np.ndarray:
-    """HWC uint8 RGB images of one size -> NCHW in [0, 1] (the YOLO input contract)."""
-    arr = np.stack(batch_hwc).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(arr, dtype=dtype) * dtype(1.0 / 255.0)
+def to_tensor(batch_hwc: list[np.ndarray], dtype: type = np.float32,
+              buffers: dict[tuple, np.ndarray] | None = None) -> np.ndarray:
+    """HWC uint8 RGB images of one size -> NCHW in [0, 1] (the YOLO input contract).
+
+    ``buffers``: a per-thread cache of output arrays by shape, for callers that consume the tensor before the next
+    call (the engine); reusing the memory saves the page faults of a fresh multi-megabyte array per image.
+    """
+    h, w = batch_hwc[0].shape[:2]
+    key = (len(batch_hwc), h, w, np.dtype(dtype).str)
+    out = buffers.get(key) if buffers is not None else None
+    if out is None:
+        out = np.empty((len(batch_hwc), 3, h, w), dtype=dtype)
+        if buffers is not None:
+            if len(buffers) >= 8:
+                buffers.clear()
+            buffers[key] = out
+    for i, im in enumerate(batch_hwc):  # cv2.split + plane copies: 3x faster than stack/transpose/astype here
+        for c, plane in enumerate(cv2.split(im)):
+            out[i, c] = plane
+    out *= dtype(1.0 / 255.0)
+    return out
 
 
-def preprocess(images: list[np.ndarray], size: int, dtype: type = np.float32) -> tuple[np.ndarray,
-                                                                                        list[LetterboxMeta]]:
-    boxed = [letterbox(im, size) for im in images]
-    return to_tensor([b for b, _ in boxed], dtype), [m for _, m in boxed]
+def preprocess(images: list[np.ndarray], size: int, dtype: type = np.float32, stride: int = 0,
+               buffers: dict[tuple, np.ndarray] | None = None) -> tuple[np.ndarray, list[LetterboxMeta]]:
+    """Letterbox a batch into one NCHW tensor.
+
+    ``stride`` 0: every image padded to ``size`` x ``size`` (fixed-shape models: Faster R-CNN). ``stride`` > 0
+    (dynamic-shape YOLO): minimal padding, to the smallest stride multiple that holds every image of the batch.
+    ``buffers``: see :func:`to_tensor` (the returned tensor is then overwritten by the next call).
+    """
+    shape = None
+    if stride:
+        shapes = [rect_shape(im.shape[0], im.shape[1], size, stride) for im in images]
+        shape = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    boxed = [letterbox(im, size, shape) for im in images]
+    return to_tensor([b for b, _ in boxed], dtype, buffers), [m for _, m in boxed]
 
 
 def unletterbox(boxes: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
