@@ -115,6 +115,7 @@ class TrainParams(_Section):
     patience: int = Field(50, ge=0)
     seed: int = 0
     workers: int = Field(2, ge=0, le=64)
+    cpu_threads: int = Field(0, ge=0, le=256)
     device: str = "auto"
     resume: Literal["auto", "never"] = "auto"
     augment: AugmentParams = Field(default_factory=AugmentParams)

@@ -128,6 +128,26 @@ def test_lr_groups_split_pretrained_layers(tmp_path: Path) -> None:
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_cpu_threads_override_ultralytics_cores_minus_one() -> None:
+    from pipeline.train.yolo import _set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        for requested, expected in ((1, 1), (0, len(os.sched_getaffinity(0))), (3, 3)):
+            torch.set_num_threads(7)
+            trainer = SimpleNamespace(device=torch.device("cpu"),
+                                      detflow={"params": {"train": {"cpu_threads": requested}}})
+            _set_cpu_threads(trainer)
+            assert torch.get_num_threads() == expected
+        torch.set_num_threads(7)
+        _set_cpu_threads(SimpleNamespace(device=torch.device("cuda", 0), detflow={}))  # GPU runs: untouched
+        assert torch.get_num_threads() == 7
+        with pytest.raises(Exception, match="cpu_threads"):
+            load_params(None, ["train.cpu_threads=-1"])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_wrong_sha256_refuses_before_training(tmp_path: Path, tiny_prepared: Path) -> None:
     fake = tmp_path / "weights.pt"
     torch.save({"model.0.conv.weight": torch.zeros(16, 3, 6, 6)}, fake)

@@ -70,6 +70,16 @@ def names_in_groups(names: Iterable[str], prefixes: dict[str, list[str]], groups
     return [n for n in names if any(n.startswith(p) for p in wanted)]
 
 
+def cpu_threads(requested: int) -> int:
+    """``train.cpu_threads`` -> a thread count: 0 means every core this process may use."""
+    if requested:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_device(device: str) -> str:
     """Turn ``train.device`` into a concrete device string, failing before any work when it can't be had."""
     import torch

@@ -43,6 +43,7 @@ from pipeline.train.common import (
     PretrainedSource,
     TrainResult,
     check_prepared,
+    cpu_threads,
     frozen_groups_at,
     names_in_groups,
     pretrained_unavailable,
@@ -725,6 +726,8 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
 
     use_cuda = device.type == "cuda"
     workers = tp.workers if use_cuda else 0
+    if not use_cuda:
+        torch.set_num_threads(cpu_threads(tp.cpu_threads))
     gen = torch.Generator()
     train_ds = CocoDetection(prepared, prepared / "coco" / "train.json", build_transforms(tp, train=True))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))

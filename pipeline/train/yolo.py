@@ -26,6 +26,7 @@ from pipeline.train.common import (
     PretrainedSource,
     TrainResult,
     check_prepared,
+    cpu_threads,
     frozen_groups_at,
     names_in_groups,
     pretrained_unavailable,
@@ -113,6 +114,15 @@ def _spec() -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def _set_cpu_threads(trainer: Any) -> None:
+    """Ultralytics' select_device sets torch to cores - 1 threads on CPU (1 of 2 here) although CPU training loads
+    data in-process (workers 0); ``train.cpu_threads`` (0: every core) decides instead."""
+    if trainer.device.type == "cpu":
+        n = cpu_threads(int(trainer.detflow["params"]["train"].get("cpu_threads", 0)))
+        torch.set_num_threads(n)
+        log.info("training on CPU with %d torch threads", n)
+
+
 class DetflowDetectionTrainer(DetectionTrainer):
     """DetectionTrainer + COCO transfer, freeze schedule, discriminative LR, exact frozen EMA, DVCLive."""
 
@@ -125,6 +135,7 @@ class DetflowDetectionTrainer(DetectionTrainer):
         self.prefixes: dict[str, list[str]] = self.detflow["group_prefixes"]
         self.frozen_names: list[str] = []
         self.live: Any = None
+        self.add_callback("on_train_start", _set_cpu_threads)
         self.add_callback("on_train_epoch_start", _apply_freeze_schedule)
         self.add_callback("on_train_batch_end", _pin_frozen_ema)
         self.add_callback("on_fit_epoch_end", _log_epoch)
