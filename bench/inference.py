@@ -1,7 +1,9 @@
 """Inference throughput, one run, same model, images and thread count.
 
 Arms (images/s, batch 1 and 8):
-  engine      our OnnxDetector end to end: read file + decode + letterbox + session.run + NMS
+  engine      our OnnxDetector end to end: read file + decode + letterbox + session.run + NMS, one call at a time
+  stream      the same, through OnnxDetector.predict_stream (what `detflow infer` runs): plan_workers() calls at
+              once, one onnxruntime thread each; still `batch` images per call
   bare        session.run on a ready tensor (the floor: no decode, no pre/post-processing)
   ul_onnx     Ultralytics YOLO("model.onnx").predict on the same files
   ul_torch    Ultralytics YOLO("best.pt").predict (PyTorch eager) on the same files
@@ -27,7 +29,12 @@ import numpy as np
 
 
 def _interleaved(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time per arm; arms run round-robin so load drift on the machine hits all of them alike."""
+    """Median wall time per arm; arms run round-robin so load drift on the machine hits all of them alike.
+
+    Whole passes, not image by image: onnxruntime's worker threads spin for a while after each run, so switching
+    sessions every image makes the two arms' thread pools fight over the 2 cores (measured: engine batch 1 fell
+    from about 55 to 28 images/s), which no deployment does.
+    """
     for fn in arms.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in arms}
@@ -45,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, default=Path("models/train/best.pt"))
     ap.add_argument("--images", type=Path, default=Path("data/prepared/images/test"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many images (0: all)")
     ap.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch eager arm")
     ap.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer import OnnxDetector, plan_workers
     from pipeline.infer.processing import preprocess
 
     files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no images in {args.images}", file=sys.stderr)
         return 2
     engine = OnnxDetector(args.model, providers="CPUExecutionProvider", threads=args.threads)
+    workers, stream_threads = plan_workers(0, args.threads)
+    streamer = OnnxDetector(args.model, providers="CPUExecutionProvider", threads=stream_threads)
     size, conf, iou = engine.imgsz, engine.conf, engine.nms_iou
     n = len(files)
     results: dict[str, dict[str, float]] = {}
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         tensors = [preprocess([engine.decode(p).rgb for p in g], size, stride=engine.stride)[0] for g in groups]
         arms: dict[str, Callable[[], object]] = {
             "engine": lambda groups=groups: [engine.predict([engine.decode(p).rgb for p in g]) for g in groups],
+            "stream": lambda b=b: list(streamer.predict_stream(files, batch=b, workers=workers)),
             "bare": lambda tensors=tensors: [engine.run(t) for t in tensors],
         }
         for name, model in ul_models.items():
@@ -95,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     for b in ("b1", "b8"):
         ratios[f"engine_time_over_bare_{b}"] = results["bare"][b] / results["engine"][b]
         ratios[f"engine_over_ul_onnx_throughput_{b}"] = results["engine"][b] / results["ul_onnx"][b]
+        ratios[f"stream_time_over_bare_{b}"] = results["bare"][b] / results["stream"][b]
+        ratios[f"stream_over_ul_onnx_throughput_{b}"] = results["stream"][b] / results["ul_onnx"][b]
         if "ul_torch" in results:
             ratios[f"engine_over_ul_torch_throughput_{b}"] = results["engine"][b] / results["ul_torch"][b]
-    print(f"{n} images at {size} px, {args.threads} threads, median of {args.repeats} runs (images/s):")
+    print(f"{n} images at {size} px, {args.threads} threads (stream: {workers} workers x {stream_threads}), "
+          f"median of {args.repeats} runs (images/s):")
     print(f"{'arm':<10} {'batch 1':>9} {'batch 8':>9}")
     for name, row in results.items():
         print(f"{name:<10} {row['b1']:>9.1f} {row['b8']:>9.1f}")
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"images": n, "imgsz": size, "threads": args.threads, "repeats": args.repeats,
+                               "stream": {"workers": workers, "threads": stream_threads},
                                "providers": engine.providers, "images_per_s": results,
                                "ratios": {k: round(v, 3) for k, v in ratios.items()},
                                "model": str(args.model), "machine": platform.processor() or platform.machine(),

@@ -25,9 +25,11 @@ def resolve_model(model: str, registry_root: str) -> str:
 def infer(model_path: str, source: str, out: str) -> dict[str, Any]:
     """Run the ONNX engine over ``source``; bad inputs are listed in infer_errors.json, never abort the batch."""
     from pipeline.infer.batch import run_batch
-    from pipeline.infer.engine import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector, plan_workers
 
-    summary = run_batch(OnnxDetector(model_path), Path(source), Path(out), progress=False)
+    workers, threads = plan_workers()
+    summary = run_batch(OnnxDetector(model_path, threads=threads), Path(source), Path(out), progress=False,
+                        workers=workers)
     return asdict(summary)
 
 

@@ -159,6 +159,8 @@ def infer(
     model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
     out: Annotated[Path, typer.Option(help="output folder: predictions.json, infer_errors.json")] = Path("predictions"),
     batch: Annotated[int, typer.Option(min=1, help="images per session.run")] = 8,
+    workers: Annotated[int, typer.Option(min=0, help="model calls at once, each with cores / workers threads; "
+                                         "0: auto (cores + 1, at most 8)")] = 0,
     render: Annotated[bool, typer.Option(help="also write images with boxes drawn")] = False,
     providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
     require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
@@ -167,14 +169,16 @@ def infer(
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
     from pipeline.infer.batch import run_batch
-    from pipeline.infer.engine import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector, plan_workers
 
-    detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu)
+    workers, threads = plan_workers(workers)
+    detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
         detector.conf = conf
-    s = run_batch(detector, source, out, batch=batch, render=render, progress=_progress(quiet))
+    s = run_batch(detector, source, out, batch=batch, render=render, progress=_progress(quiet), workers=workers)
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
-               f"(providers: {', '.join(s.providers)}) -> {out / 'predictions.json'}")
+               f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
+               f"-> {out / 'predictions.json'}")
     for e in s.errors[:10]:
         typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
 

@@ -179,6 +179,36 @@ def test_batch_inference_skips_bad_files(exported: dict[str, Path], tmp_path: Pa
     assert len(list((tmp_path / "out" / "rendered").iterdir())) == len(good)
 
 
+def test_predict_stream_keeps_order_and_equals_one_call_at_a_time(exported: dict[str, Path], tmp_path: Path) -> None:
+    """Several workers, batches of 2, a bad file in the middle: results in input order, errors in place, and every
+    good image's detections equal the sequential engine's."""
+    from pipeline.infer import OnnxDetector, plan_workers
+
+    files = sorted((exported["prepared"] / "images" / "test").iterdir())
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    sources = [*files[:3], bad, *files[3:]] * 2  # enough inputs for several rounds of in-flight batches
+    workers, threads = plan_workers(3, cpus=3)
+    assert (workers, threads) == (3, 1) and plan_workers(0, cpus=2) == (3, 1) and plan_workers(0, cpus=64) == (8, 8)
+    engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider", threads=threads)
+    out = list(engine.predict_stream(sources, batch=2, workers=workers))
+    assert [r.source for r in out] == sources
+    for r in out:
+        if r.source == bad:
+            assert r.detections is None and getattr(r.error, "kind", None) == "not_an_image"
+            continue
+        assert r.error is None
+        (ref,) = engine.predict([engine.decode(r.source).rgb])
+        assert len(r.detections) == len(ref)
+        np.testing.assert_allclose(r.detections.boxes, ref.boxes, atol=1e-4)
+        np.testing.assert_allclose(r.detections.scores, ref.scores, atol=1e-6)
+        np.testing.assert_array_equal(r.detections.labels, ref.labels)
+    assert sum(len(r.detections) for r in out if r.detections is not None) > 0
+    assert [r.source for r in engine.predict_stream(iter(sources[:5]), batch=3, workers=1)] == sources[:5]
+    with pytest.raises(ValueError, match="workers"):
+        list(engine.predict_stream(sources, workers=0))
+
+
 def test_coco_split_predictions_score_like_the_evaluator(exported: dict[str, Path], tmp_path: Path) -> None:
     from pipeline.infer import OnnxDetector
     from pipeline.infer.batch import run_batch

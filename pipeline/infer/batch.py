@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageLoadError, looks_like_dicom
+from pipeline.data.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, looks_like_dicom
 from pipeline.errors import DetflowError
 from pipeline.fileio import atomic_write_json
 from pipeline.infer.engine import OnnxDetector
@@ -48,19 +48,26 @@ def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
 
 
 def run_batch(detector: OnnxDetector, source: Path, out_dir: Path, batch: int = 8, render: bool = False,
-              progress: bool = True, predictions_name: str = "predictions.json") -> BatchSummary:
-    """Stream inputs through the engine in batches; write COCO-results JSON, an error list, optional renders."""
+              progress: bool = True, predictions_name: str = "predictions.json", workers: int = 1) -> BatchSummary:
+    """Stream inputs through the engine, ``batch`` images per model call and ``workers`` calls at once (see
+    :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders."""
     summary = BatchSummary(providers=detector.providers)
-    items = list(iter_sources(source))
+    items = [(name, image_id if image_id is not None else index + 1, path)
+             for index, (name, image_id, path) in enumerate(iter_sources(source))]
     results: list[dict] = []
-    pending: list[tuple[str, int, object]] = []
-    bar = tqdm(total=len(items), desc="inference", unit="img", disable=not progress)
-
-    def flush() -> None:
-        if not pending:
-            return
-        dets = detector.predict([p[2].rgb for p in pending])  # type: ignore[attr-defined]
-        for (name, image_id, decoded), d in zip(pending, dets, strict=True):
+    with tqdm(total=len(items), desc="inference", unit="img", disable=not progress) as bar:
+        stream = detector.predict_stream(items, batch=batch, workers=workers,
+                                         decode=lambda item: detector.decode(item[2], name=item[0]).rgb)
+        for r in stream:
+            name, image_id, _ = r.source
+            bar.update(1)
+            if r.error is not None:
+                kind = getattr(r.error, "kind", "unreadable")
+                detail = getattr(r.error, "detail", None) or str(r.error)
+                summary.errors.append({"file": name, "kind": kind, "detail": detail})
+                continue
+            d = r.detections
+            assert d is not None and r.rgb is not None
             summary.n_images += 1
             summary.n_detections += len(d)
             for (x1, y1, x2, y2), s, c in zip(d.boxes, d.scores, d.labels, strict=True):
@@ -69,26 +76,7 @@ def run_batch(detector: OnnxDetector, source: Path, out_dir: Path, batch: int = 
                                 "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2),
                                          round(float(y2 - y1), 2)], "score": round(float(s), 5)})
             if render:
-                _render(decoded.rgb, d, detector.classes, out_dir / "rendered" / f"{Path(name).stem}.png")  # type: ignore[attr-defined]
-        bar.update(len(pending))
-        pending.clear()
-
-    for index, (name, image_id, path) in enumerate(items):
-        try:
-            decoded = detector.decode(path, name=name)
-        except ImageLoadError as e:
-            summary.errors.append({"file": name, "kind": e.kind, "detail": e.detail})
-            bar.update(1)
-            continue
-        except OSError as e:
-            summary.errors.append({"file": name, "kind": "unreadable", "detail": str(e)})
-            bar.update(1)
-            continue
-        pending.append((name, image_id if image_id is not None else index + 1, decoded))
-        if len(pending) >= batch:
-            flush()
-    flush()
-    bar.close()
+                _render(r.rgb, d, detector.classes, out_dir / "rendered" / f"{Path(name).stem}.png")
     atomic_write_json(out_dir / predictions_name, results)
     atomic_write_json(out_dir / "infer_errors.json", summary.errors)
     return summary

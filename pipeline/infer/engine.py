@@ -12,9 +12,12 @@ import json
 import logging
 import os
 import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -46,6 +49,32 @@ class ImageInput:
 
     rgb: np.ndarray
     name: str
+
+
+S = TypeVar("S")
+
+
+@dataclass
+class StreamResult(Generic[S]):
+    """One input of :meth:`OnnxDetector.predict_stream`: its detections, or the error that stopped it."""
+
+    source: S
+    rgb: np.ndarray | None = None
+    detections: Detections | None = None
+    error: Exception | None = None
+
+
+def plan_workers(workers: int = 0, cpus: int | None = None) -> tuple[int, int]:
+    """(workers, onnxruntime intra-op threads per run) for streaming inference on ``cpus`` cores.
+
+    ``workers`` 0 means auto: cores + 1, at most 8. Several single-threaded runs at once beat one run spread over
+    every core (whose threads idle at each layer boundary), and the extra worker decodes while the others run.
+    Measured on the 2-core machine, BCCD at 416 px, batch 1: 56.7 images/s sequential with 2 threads, 67.7 with
+    2 workers x 1 thread, 72.5 with 3 x 1.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    workers = workers or min(cpus + 1, 8)
+    return workers, max(1, cpus // workers)
 
 
 class OnnxDetector:
@@ -195,6 +224,61 @@ class OnnxDetector:
             boxes, labels, scores = self.run(batch[i:i + 1])
             out.append(frcnn_postprocess(boxes, scores, labels, meta, conf=conf, max_det=max_det))
         return out
+
+    def predict_stream(self, sources: Iterable[S], batch: int = 1, workers: int = 1,
+                       decode: Callable[[S], np.ndarray] | None = None) -> Iterator[StreamResult[S]]:
+        """Decode and predict a stream of inputs, ``batch`` images per model call and ``workers`` calls at once;
+        results come back in input order, one per input.
+
+        An input that cannot be decoded comes back with ``error`` set (an ``ImageLoadError`` or ``OSError``); any
+        other exception stops the stream. At most ``2 x workers`` batches are in flight, so memory stays bounded
+        whatever the stream's length. For CPU throughput build the detector with ``threads`` from
+        :func:`plan_workers` (one intra-op thread per worker).
+        """
+        from pipeline.data.imaging import ImageLoadError
+
+        if batch < 1 or workers < 1:
+            raise ValueError(f"batch and workers must be >= 1, got batch={batch}, workers={workers}")
+        load = decode or (lambda src: self.decode(src).rgb)  # type: ignore[arg-type]
+
+        def work(chunk: list[S]) -> list[StreamResult[S]]:
+            out: list[StreamResult[S]] = []
+            for src in chunk:
+                try:
+                    out.append(StreamResult(src, rgb=load(src)))
+                except (ImageLoadError, OSError) as e:
+                    out.append(StreamResult(src, error=e))
+            good = [r for r in out if r.error is None]
+            for r, dets in zip(good, self.predict([r.rgb for r in good]) if good else [], strict=True):
+                r.detections = dets
+            return out
+
+        def chunks() -> Iterator[list[S]]:
+            chunk: list[S] = []
+            for src in sources:
+                chunk.append(src)
+                if len(chunk) == batch:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        if workers == 1:
+            for chunk in chunks():
+                yield from work(chunk)
+            return
+        pending: deque[Future[list[StreamResult[S]]]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detflow-infer") as pool:
+            try:
+                for chunk in chunks():
+                    pending.append(pool.submit(work, chunk))
+                    if len(pending) >= 2 * workers:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def info(self) -> dict[str, Any]:
         return {"model": str(self.model_path), "family": self.family, "classes": self.classes, "imgsz": self.imgsz,
