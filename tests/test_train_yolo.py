@@ -168,6 +168,8 @@ def test_pretrained_coco_strict_and_auto_fallback(tmp_path: Path, tiny_prepared:
     assert time.perf_counter() - start < 30
     source, state = resolve_pretrained(load_params(None, []).train, tmp_path / "raw", [], trust=False)
     assert source.kind == "none" and state is None and "TRAINING FROM SCRATCH" in source.note
+    # one line that still says what was tried: the raw folder, no mirror, the download
+    assert "\n" not in source.note and "Tried: " in source.note and "mirrors: none given" in source.note
 
 
 @pytest.mark.parametrize(

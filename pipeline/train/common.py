@@ -188,8 +188,11 @@ def pretrained_unavailable(mode: str, model: str, reason: str) -> PretrainedSour
     if mode == "coco":
         raise AssetError(f"train.pretrained is 'coco' but COCO weights for {model} cannot be resolved: {reason}\n"
                          "Use pretrained: auto to fall back to training from scratch, or pretrained: none.")
-    note = (f"COCO weights for {model} could not be resolved ({reason.splitlines()[0]}); "
-            "TRAINING FROM SCRATCH - expect much lower accuracy on small datasets")
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    tried = [line[2:] for line in lines if line.startswith("- ")]  # the resolver's "Tried:" list, on one line
+    why = lines[0].removesuffix(" Tried:") + (f" Tried: {'; '.join(tried)}" if tried else "") if lines else reason
+    note = (f"COCO weights for {model} could not be resolved ({why}); TRAINING FROM SCRATCH - expect much lower "
+            "accuracy on small datasets. For COCO weights offline, point DETFLOW_ASSETS at an asset mirror.")
     return PretrainedSource(kind="none", source="scratch (auto fallback)", note=note)
 
 
