@@ -388,17 +388,19 @@ def _require_trust(asset: Asset, trust: bool) -> None:
         )
 
 
-def _failure_message(asset: Asset, raw_dir: Path, tried: list[str]) -> str:
+def _unavailable(asset: Asset, raw_dir: Path, tried: list[str]) -> AssetError:
+    """The resolver's failure: every place tried and the three remedies; its summary lists the places on one line."""
+    head = f"asset {asset.name!r} ({asset.kind}, {asset.license}) is not available."
     raw = asset.raw_path(raw_dir)
     lines = [
-        f"asset {asset.name!r} ({asset.kind}, {asset.license}) is not available. Tried:",
+        f"{head} Tried:",
         *(f"  - {t}" for t in tried),
         "Fix it one of three ways:",
         f"  1. put it under {raw} (e.g. `dvc pull`, or `detflow assets fetch {asset.name}` with a mirror);",
         f"  2. point {ENV_MIRRORS} (or --mirror) at a mirror folder that contains {asset.mirror_path};",
         f"  3. connect to the internet so it can be downloaded from {asset.url}.",
     ]
-    return "\n".join(lines)
+    return AssetError("\n".join(lines), summary=f"{head} Tried: {'; '.join(tried)}")
 
 
 def _resolve(
@@ -451,7 +453,7 @@ def _resolve(
     else:
         tried.append(f"download {asset.url}: skipped (download disabled)")
 
-    raise AssetError(_failure_message(asset, raw_dir, tried))
+    raise _unavailable(asset, raw_dir, tried)
 
 
 def resolve(

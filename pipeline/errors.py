@@ -10,7 +10,15 @@ class ConfigError(DetflowError):
 
 
 class AssetError(DetflowError):
-    """An asset could not be resolved or failed its checksum."""
+    """An asset could not be resolved or failed its checksum.
+
+    ``summary``: the failure on one line, for places that can only show one (a warning in a report); by default
+    the message's first line.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or (message.splitlines() or [""])[0]
 
 
 class DataError(DetflowError):

@@ -249,7 +249,7 @@ class OnnxDetector:
                 except (ImageLoadError, OSError) as e:
                     out.append(StreamResult(src, error=e))
             good = [r for r in out if r.error is None]
-            for r, dets in zip(good, self.predict([r.rgb for r in good]) if good else [], strict=True):
+            for r, dets in zip(good, self.predict([r.rgb for r in good]), strict=True):  # [] in, [] out
                 r.detections = dets
             return out
 

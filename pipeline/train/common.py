@@ -181,16 +181,15 @@ def default_workdir() -> Path:
     return Path(os.environ.get("DETFLOW_WORKDIR", ".detflow")) / "train"
 
 
-def pretrained_unavailable(mode: str, model: str, reason: str) -> PretrainedSource:
-    """``coco`` is strict; ``auto`` falls back to training from scratch and says so loudly."""
+def pretrained_unavailable(mode: str, model: str, reason: str | Exception) -> PretrainedSource:
+    """``coco`` is strict; ``auto`` falls back to training from scratch and says so loudly (on one line: an
+    ``AssetError``'s summary, else the reason's first line)."""
     from pipeline.errors import AssetError
 
     if mode == "coco":
         raise AssetError(f"train.pretrained is 'coco' but COCO weights for {model} cannot be resolved: {reason}\n"
                          "Use pretrained: auto to fall back to training from scratch, or pretrained: none.")
-    lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    tried = [line[2:] for line in lines if line.startswith("- ")]  # the resolver's "Tried:" list, on one line
-    why = lines[0].removesuffix(" Tried:") + (f" Tried: {'; '.join(tried)}" if tried else "") if lines else reason
+    why = reason.summary if isinstance(reason, AssetError) else str(reason).splitlines()[0]
     note = (f"COCO weights for {model} could not be resolved ({why}); TRAINING FROM SCRATCH - expect much lower "
             "accuracy on small datasets. For COCO weights offline, point DETFLOW_ASSETS at an asset mirror.")
     return PretrainedSource(kind="none", source="scratch (auto fallback)", note=note)

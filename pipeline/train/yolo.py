@@ -90,7 +90,7 @@ def resolve_pretrained(tp: TrainParams, raw_dir: Path, mirrors: list[Path] | Non
             path = assets.resolve(name, raw_dir=raw_dir, mirrors=mirrors, trust=trust)
             state = load_checkpoint_state(path, assets.ASSETS[name].sha256, trust)
         except AssetError as e:
-            return pretrained_unavailable(mode, tp.model, str(e)), None
+            return pretrained_unavailable(mode, tp.model, e), None
         from pipeline.fileio import sha256_file
 
         return PretrainedSource(kind="coco", source=f"{name} ({assets.ASSETS[name].url})", path=str(path),
