@@ -11,22 +11,34 @@ Endpoints
   GET  /v1/model         the model card, providers in use, limits
   GET  /health/live      200 while the process runs
   GET  /health/ready     200 after the model loaded and one warm-up inference ran, else 503
-  GET  /metrics          Prometheus text
+  GET  /metrics          Prometheus text (model sha256, classes, traffic)
   GET  /docs             OpenAPI UI
 
 Auth: when ``DETFLOW_SERVE_TOKEN`` is set, every ``/v1/*`` endpoint (``/v1/model`` included: the card describes
 the training data) needs ``Authorization: Bearer <token>`` (compared in constant time); 401 otherwise.
-``/health/*``, ``/metrics`` and the docs stay open for probes and scrapers.
+``/health/*`` and the docs stay open for probes; ``/metrics`` too, unless ``DETFLOW_SERVE_METRICS_AUTH=1`` puts it
+behind the same token (the scraper then sends the bearer token; without a token that setting is refused at start).
+
+Intake (``pipeline.serve.intake``): a detection request first receives its whole body, at most
+``max_body_reads`` at once, and the body must arrive within ``body_timeout_s`` of the headers (408 otherwise,
+however slowly it drips); only then does it take one of the ``max_inflight`` processing slots. Stalled uploads
+therefore never block other requests from being processed, and they are cut at the deadline.
 
 Status codes (body always ``{"error": {"code", "message"}}``)
   400 empty_body, empty_file, bad_multipart        401 unauthorized
+  408 body_timeout (the body did not arrive within body_timeout_s; the connection is closed)
   413 payload_too_large (bytes; from Content-Length before reading, else a counted read),
       image_too_large (width x height > max_pixels, read from the PNG/JPEG/DICOM header before decoding)
   415 unsupported_request_type (not multipart), unsupported_media_type (bytes are not JPEG/PNG/DICOM)
   422 missing_file, too_many_files, corrupt_image (e.g. truncated JPEG), corrupt_dicom, dicom_no_pixel_data,
       dicom_multiframe, dicom_unsupported_compression, validation_error
   500 inference_error / internal_error (unexpected; counted in detflow_serve_inference_errors_total)
-  503 not_ready (loading or warming up), overloaded (more than max_inflight requests in progress)
+  503 not_ready (loading or warming up), overloaded (more than max_body_reads uploads arriving, or more than
+      max_inflight requests being processed)
+
+Start-up fails with one line and a non-zero exit (never a traceback) on a bad setting or option, an address
+that cannot be bound, or a model/card that is missing, unreadable (permissions: the image runs as uid 10001) or
+not a model card.
 """
 
 from __future__ import annotations

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from pipeline.errors import ConfigError, DetflowError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: argument --port: invalid int value: 'abc'``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.serve", description=__doc__)
+    p = _Parser(prog="python -m pipeline.serve", description=__doc__)
     p.add_argument("--model", help="ONNX model (model_card.json next to it); default models/model.onnx")
     p.add_argument("--card", help="model card, when not next to the model")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")

@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import hmac
 import io
+import json
 import logging
+import os
 import re
-import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeline.data.imaging import ImageLoadError, is_dicom_bytes, load_dicom, load_raster
+from pipeline.serve.intake import BodyTimeout, Stage, body_deadline
 from pipeline.serve.settings import ServeSettings
 
 log = logging.getLogger("pipeline.serve")
@@ -84,6 +86,10 @@ class BodyTooLarge(ApiError):
         super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
 
 
+def _overloaded(what: str) -> ApiError:
+    return ApiError(503, "overloaded", f"too many {what} in progress; retry shortly", headers={"Retry-After": "1"})
+
+
 def input_error(e: ImageLoadError) -> ApiError:
     status, message = _INPUT_ERRORS.get(e.kind, (422, None))
     return ApiError(status, e.kind, message or e.detail)
@@ -91,8 +97,6 @@ def input_error(e: ImageLoadError) -> ApiError:
 
 def _json_error(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
                 ) -> tuple[dict[str, Any], bytes]:
-    import json
-
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (headers or [])
     return {"type": "http.response.start", "status": status, "headers": hdrs}, body
@@ -149,6 +153,7 @@ def _multipart_doc(field: str, many: bool) -> dict[str, Any]:
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
         (400, "empty body or file, malformed multipart"), (401, "missing or wrong bearer token"),
+        (408, "the request body did not arrive within body_timeout_s"),
         (413, "upload larger than max_upload_bytes, or image larger than max_pixels"),
         (415, "not multipart/form-data, or the file is not JPEG/PNG/DICOM (by content)"),
         (422, "missing field, corrupt image, DICOM without pixel data, ..."), (500, "unexpected server error"),
@@ -178,6 +183,8 @@ class Metrics:
         self.input_errors = Counter("detflow_serve_input_errors_total", "rejected inputs by error code",
                                     ["code"], registry=r)
         self.inflight = Gauge("detflow_serve_inflight_requests", "detection requests being processed", registry=r)
+        self.body_reads = Gauge("detflow_serve_body_reads_in_progress", "detection requests whose body is still "
+                                "arriving (they hold no processing slot)", registry=r)
         self.ready = Gauge("detflow_serve_ready", "1 when the model is loaded and warmed up", registry=r)
         self.provider = Gauge("detflow_serve_provider_active", "1 for each onnxruntime provider in use",
                               ["provider"], registry=r)
@@ -321,8 +328,9 @@ class ServiceState:
         self.warmed = False
         self.pool: ThreadPoolExecutor | None = None
         self.batcher: MicroBatcher | None = None
-        self.inflight = 0
-        self.lock = threading.Lock()
+        # a request first receives its whole body, then takes a processing slot (see pipeline.serve.intake)
+        self.receiving = Stage(settings.max_body_reads, lambda: _overloaded("uploads"), metrics.body_reads.set)
+        self.processing = Stage(settings.max_inflight, lambda: _overloaded("requests"), metrics.inflight.set)
 
     @property
     def ready(self) -> bool:
@@ -377,19 +385,64 @@ class ServiceState:
 
 def load_detector(settings: ServeSettings) -> Any:
     """The `OnnxDetector` the settings describe (raises ModelLoadError / ProviderError, both DetflowError)."""
-    from pipeline.infer.engine import OnnxDetector
+    from pipeline.infer.engine import ModelLoadError, OnnxDetector
 
-    return OnnxDetector(settings.model_path, settings.card_path, providers=settings.providers,
-                        require_gpu=settings.require_gpu, threads=settings.ort_threads,
-                        verify_checksum=settings.verify_checksum)
+    check_model_files(settings)
+    try:
+        return OnnxDetector(settings.model_path, settings.card_path, providers=settings.providers,
+                            require_gpu=settings.require_gpu, threads=settings.ort_threads,
+                            verify_checksum=settings.verify_checksum)
+    except OSError as e:  # e.g. the mounted folder changed under us: still one line, never a traceback
+        raise ModelLoadError(f"cannot read the model: {e.strerror or e} ({e.filename or settings.model_path})"
+                             ) from None
+
+
+# the card fields the engine reads, with their JSON types
+_CARD_FIELDS: dict[str, type] = {"family": str, "classes": list, "input": dict, "sha256": str}
+
+
+def check_model_files(settings: ServeSettings) -> None:
+    """Fail with one clear line when the model or its card cannot be read or the card is not a model card.
+
+    The serving image runs as a non-root user over a mounted model folder, so permissions are the usual problem;
+    the engine would otherwise surface them (and a card that is not a JSON object) as tracebacks.
+    """
+    from pipeline.infer.engine import ModelLoadError
+
+    model = settings.model_path
+    card = settings.card_path or model.with_name("model_card.json")
+    for what, path in (("model", model), ("model card", card)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except FileNotFoundError:
+            hint = "run `detflow export` (or `dvc repro`)" if what == "model" else "export writes it next to the model"
+            raise ModelLoadError(f"{what} {path} not found; {hint}") from None
+        except PermissionError:
+            raise ModelLoadError(f"{what} {path}: permission denied for uid {os.getuid()}; make the model folder "
+                                 "and its files readable by the user the service runs as") from None
+        except OSError as e:  # a folder, an I/O error on the mount, ...
+            raise ModelLoadError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(card.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ModelLoadError(f"model card {card} is not valid JSON{where}; re-export the model") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"model card {card} is not a JSON object; re-export the model")
+    wrong = [f"{k} is not a {t.__name__}" for k, t in _CARD_FIELDS.items() if k in data and not isinstance(data[k], t)]
+    if isinstance(data.get("input"), dict) and "imgsz" not in data["input"]:
+        wrong.append("input lacks imgsz")
+    if wrong:
+        raise ModelLoadError(f"model card {card} is malformed ({'; '.join(wrong)}); re-export the model")
 
 
 # ---------------------------------------------------------------------------------------------- middleware
 
 
 class ServiceMiddleware:
-    """Pure ASGI: request ids, body limits (Content-Length first, then a counted read), JSON 500 backstop,
-    metrics and one privacy-safe log line per request."""
+    """Pure ASGI: request ids, body limits (Content-Length first, then a counted read), the body deadline (408),
+    JSON 500 backstop, metrics and one privacy-safe log line per request."""
 
     def __init__(self, app: Any, state: ServiceState) -> None:
         self.app, self.state = app, state
@@ -419,6 +472,8 @@ class ServiceMiddleware:
         status = {"code": 500, "started": False}
         received = {"bytes": 0}
         limit = self._limit(scope)
+        # the whole body must arrive within body_timeout_s of the headers, however it is read (see intake.py)
+        receive_body = body_deadline(receive, self.state.settings.body_timeout_s) if limit is not None else receive
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -427,7 +482,7 @@ class ServiceMiddleware:
             await send(message)
 
         async def receive_wrapper() -> dict[str, Any]:
-            message = await receive()
+            message = await receive_body()
             if message["type"] == "http.request" and limit is not None:
                 received["bytes"] += len(message.get("body", b""))
                 if received["bytes"] > limit[0]:
@@ -450,6 +505,12 @@ class ServiceMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing went wrong here
             status["code"] = 499
+        except BodyTimeout as e:
+            if status["started"]:
+                raise
+            self.state.metrics.input_errors.labels(code="body_timeout").inc()
+            # close the connection: the rest of a half-sent body must not be read as the next request
+            await send_error(ApiError(408, "body_timeout", str(e), headers={"Connection": "close"}))
         except ApiError as e:
             if status["started"]:
                 raise
@@ -553,7 +614,8 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
 
     # ------------------------------------------------------------------ auth
 
-    bearer = HTTPBearer(auto_error=False, description="required on /v1/* when DETFLOW_SERVE_TOKEN is set")
+    bearer = HTTPBearer(auto_error=False, description="required on /v1/* when DETFLOW_SERVE_TOKEN is set (and on "
+                        "/metrics with DETFLOW_SERVE_METRICS_AUTH=1)")
 
     def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if settings.token is None:
@@ -568,7 +630,8 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
 
     # ------------------------------------------------------------------ helpers
 
-    async def read_files(request: Request, field: str, max_files: int) -> list[UploadFile]:
+    async def read_files(request: Request, field: str, max_files: int) -> tuple[list[UploadFile], Any]:
+        """The whole body, parsed (file parts spooled by starlette); (the file parts of ``field``, the form)."""
         ctype = request.headers.get("content-type", "")
         if request.headers.get("content-length") == "0":
             raise ApiError(400, "empty_body", f"the request has no body; send multipart/form-data with field "
@@ -592,8 +655,7 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
         if len(files) + len(others) > max_files:
             await form.close()
             raise ApiError(422, "too_many_files", f"at most {max_files} file(s) per request")
-        request.state.form = form
-        return files
+        return files, form
 
     async def read_bytes(upload: UploadFile) -> bytes:
         if upload.size is not None and upload.size > settings.max_upload_bytes:
@@ -633,23 +695,17 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
             inference_ms=round(ms, 3), image=ImageSize(width=int(rgb.shape[1]), height=int(rgb.shape[0])))
 
     @contextlib.asynccontextmanager
-    async def admitted(request: Request):  # noqa: ANN202
+    async def admitted(request: Request, field: str, max_files: int) -> AsyncIterator[list[UploadFile]]:
+        """Receive the whole body first (at most max_body_reads at once, each within body_timeout_s), only then
+        take one of the max_inflight processing slots: a stalled upload never holds a processing slot."""
         state.require_ready()
-        with state.lock:
-            if state.inflight >= settings.max_inflight:
-                raise ApiError(503, "overloaded", "too many requests in progress; retry shortly",
-                               headers={"Retry-After": "1"})
-            state.inflight += 1
-        metrics.inflight.inc()
+        with state.receiving.enter():
+            uploads, form = await read_files(request, field, max_files)
         try:
-            yield
+            with state.processing.enter():
+                yield uploads
         finally:
-            with state.lock:
-                state.inflight -= 1
-            metrics.inflight.dec()
-            form = getattr(request.state, "form", None)
-            if form is not None:
-                await form.close()
+            await form.close()
 
     # ------------------------------------------------------------------ endpoints
 
@@ -657,8 +713,7 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
               openapi_extra=_multipart_doc("file", many=False), dependencies=[Depends(require_token)])
     async def detect(request: Request) -> DetectResult:
         """Detect objects in one JPEG, PNG or DICOM file (multipart field `file`; type read from the content)."""
-        async with admitted(request):
-            (upload,) = await read_files(request, "file", 1)
+        async with admitted(request, "file", 1) as (upload,):
             rgb = await decode(await read_bytes(upload))
             dets, ms = await infer(request, [rgb])
             return result(dets[0], rgb, ms[0])
@@ -669,8 +724,7 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
         """Several files (repeated multipart field `files`, at most `max_batch_files`). A well-formed request
         answers 200 with one item per file in order; each item has its own `status` and either `result` or
         `error`, so one bad file never fails the others."""
-        async with admitted(request):
-            uploads = await read_files(request, "files", settings.max_batch_files)
+        async with admitted(request, "files", settings.max_batch_files) as uploads:
 
             async def one(upload: UploadFile) -> np.ndarray | ApiError:
                 try:
@@ -723,9 +777,11 @@ def create_app(settings: ServeSettings | None = None, detector: Any = None) -> F
         code, body = state.readiness()
         return JSONResponse(body, status_code=code)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             dependencies=[Depends(require_token)] if settings.metrics_auth else [],
+             responses={401: _ERROR_RESPONSES[401]} if settings.metrics_auth else None)
     async def prometheus() -> Response:
-        """Prometheus text format."""
+        """Prometheus text format (behind the bearer token when DETFLOW_SERVE_METRICS_AUTH is set)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

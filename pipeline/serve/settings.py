@@ -52,10 +52,18 @@ class ServeSettings(BaseModel):
     microbatch_max_wait_ms: float = Field(5.0, ge=0, le=1000)
     microbatch_max_size: int = Field(8, ge=1, le=256)
     warmup: bool = Field(True, description="run one inference before reporting ready")
-    max_inflight: int = Field(64, ge=1, description="detection requests in progress at once; more get 503")
+    max_inflight: int = Field(64, ge=1, description="detection requests being processed at once (decode + "
+                              "inference; taken only after the body arrived); more get 503")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="the whole request body must arrive within this "
+                                  "many seconds of the headers, else 408 body_timeout (a client that drips bytes "
+                                  "cannot extend it); 30 s passes a 20 MB upload at about 6 Mbit/s")
+    max_body_reads: int = Field(256, ge=1, description="detection requests receiving their body at once; more get "
+                                "503. Bounds memory and temporary files; stalled uploads leave at body_timeout_s")
 
     # security
     token: SecretStr | None = Field(None, description="bearer token required on /v1/* when set")
+    metrics_auth: bool = Field(False, description="also require the token on /metrics (it shows the model's sha256, "
+                               "classes and traffic); the scraper then sends 'Authorization: Bearer <token>'")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty = CORS off")
 
     @field_validator("token", mode="before")
@@ -84,6 +92,8 @@ class ServeSettings(BaseModel):
     def _limits(self) -> ServeSettings:
         if self.max_batch_bytes < self.max_upload_bytes:
             raise ValueError("max_batch_bytes must be >= max_upload_bytes")
+        if self.metrics_auth and self.token is None:
+            raise ValueError("metrics_auth needs a token (DETFLOW_SERVE_TOKEN) to protect /metrics with")
         return self
 
     @property
@@ -111,12 +121,22 @@ class ServeSettings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'settings'}: {err['msg']}"
-                                 for err in e.errors())
-            raise ConfigError(f"invalid serve settings: {problems}") from None
+            raise ConfigError(f"invalid serve settings: {_problems(e)}") from None
 
     def public(self) -> dict[str, Any]:
         """Settings safe to show (the token is never included, only whether auth is on)."""
         d = self.model_dump(mode="json", exclude={"token"})
         d["auth"] = self.token is not None
         return d
+
+
+def _problems(e: ValidationError) -> str:
+    """One line: each bad field with its variable name, pydantic's reason and the value given (never the token's)."""
+    out = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"])
+        name = f"{field} ({ENV_PREFIX}{field.upper()})" if field in ServeSettings.model_fields else "settings"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        given = "" if field == "token" or not field or isinstance(err.get("input"), dict) else f", got {err['input']!r}"
+        out.append(f"{name}: {msg}{given}")
+    return "; ".join(out)
