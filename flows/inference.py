@@ -46,4 +46,7 @@ def batch_inference(source: str, model: str = "champion", out: str = "prediction
 if __name__ == "__main__":
     import sys
 
+    from flows.training import start_local_server
+
+    start_local_server()
     print(json.dumps(batch_inference(*sys.argv[1:2]), indent=2))

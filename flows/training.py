@@ -25,6 +25,15 @@ Decisions
   model is registered as ``v<N>`` and promoted (``pipeline.registry.publish``); a model identical (sha256) to the
   champion is not promoted again, and the run says so.
 
+Local server
+------------
+Without ``PREFECT_API_URL`` Prefect starts a temporary server on loopback. Its first start on a machine creates and
+migrates a new SQLite database; Prefect waits only 20 s by default, which a cold start on 2 busy cores exceeded
+once. :func:`start_local_server` (called by ``detflow flow run`` before the flow) waits ``COLD_START_TIMEOUT_S``
+unless ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` is set, retries once with a fresh server process, turns
+off the server's telemetry (no network from an air-gapped site) unless the user set it, and otherwise fails with
+one line (:class:`PrefectServerError`).
+
 Across machines (GPU work pool)
 -------------------------------
 A GPU worker runs this same flow in its own checkout (see ``prefect.yaml``): the deployment's pull step and the
@@ -73,8 +82,59 @@ PARAMS_BACKUP = ".detflow/params.yaml.flow-backup"
 REPORT_KEY = "detflow-training-report"
 
 
+COLD_START_TIMEOUT_S = 90  # first start measured 7-9 s on 2 shared cores; Prefect's own default (20 s) failed once
+
+
 class StageFailed(DetflowError):
     """A ``dvc repro`` stage exited non-zero; the message carries the tail of its output."""
+
+
+class PrefectServerError(DetflowError):
+    """Prefect's temporary local server did not start (the message says what to do)."""
+
+
+def startup_timeout() -> int:
+    """Seconds to wait for the temporary server: the user's setting when made, else :data:`COLD_START_TIMEOUT_S`."""
+    from prefect.settings import get_current_settings
+
+    ephemeral = get_current_settings().server.ephemeral
+    return ephemeral.startup_timeout_seconds if "startup_timeout_seconds" in ephemeral.model_fields_set \
+        else COLD_START_TIMEOUT_S
+
+
+def start_local_server(timeout_s: int | None = None, attempts: int = 2) -> str | None:
+    """Start Prefect's temporary local server now, patiently, so the flow call that follows finds it running.
+
+    Returns its API URL, or None when ``PREFECT_API_URL`` names a server (nothing to start) or the temporary server
+    is disabled. ``timeout_s``: seconds per try; default: the user's
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` if set, else :data:`COLD_START_TIMEOUT_S`. A try that
+    times out is stopped (its process killed) and the next one starts afresh on another port.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings, temporary_settings
+
+    settings = get_current_settings()
+    ephemeral = settings.server.ephemeral
+    if settings.api.url or not ephemeral.enabled:
+        return None
+    timeout_s = startup_timeout() if timeout_s is None else timeout_s
+    quiet = {} if "analytics_enabled" in settings.server.model_fields_set else {"server.analytics_enabled": False}
+    error = ""
+    for _ in range(max(1, attempts)):
+        server = SubprocessASGIServer()
+        if server.running:
+            return server.api_url
+        try:
+            with temporary_settings(updates=quiet):  # the server process inherits the set settings
+                server.start(timeout=timeout_s)
+            return server.api_url
+        except Exception as e:  # noqa: BLE001 - Prefect raises RuntimeError (timeout) or httpx errors
+            error = (str(e).splitlines() or [type(e).__name__])[0]
+            server.stop()
+    raise PrefectServerError(
+        f"the temporary Prefect server did not start ({attempts} tries, {timeout_s} s each: {error}); raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` elsewhere and set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
 # --- helpers (no Prefect state; called by tasks and the flow) --------------------------------------------------
@@ -350,4 +410,5 @@ def training_pipeline(overrides: dict[str, Any] | list[str] | None = None, push:
 
 
 if __name__ == "__main__":
+    start_local_server()
     print(json.dumps(training_pipeline(), indent=2))

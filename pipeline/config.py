@@ -1,10 +1,15 @@
 """Typed pipeline parameters: load ``params.yaml``, apply ``--set section.key=value`` overrides, validate.
 
 Unknown keys and bad values fail loudly, naming the allowed values, before any work starts.
+
+One source of defaults: every field default below equals the value in the shipped ``params.yaml``
+(tests/test_defaults.py compares every key), so a run without ``params.yaml`` computes what a fresh clone's
+``params.yaml`` would; such a run says so on stderr.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -106,10 +112,10 @@ class TrainParams(_Section):
     strategy: Literal["feature_extraction", "fine_tune", "progressive"] = "fine_tune"
     unfreeze_at: list[int] = Field(default_factory=lambda: [2, 4])
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
-    epochs: int = Field(10, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000)
     imgsz: int = Field(256, ge=32, le=4096)
     batch: int = Field(16, ge=1, le=1024)
-    nominal_batch: int = Field(64, ge=1, le=4096)
+    nominal_batch: int = Field(16, ge=1, le=4096)
     optimizer: Literal["SGD", "AdamW", "Adam", "auto"] = "auto"
     lr: float = Field(0.01, gt=0.0, le=1.0)
     patience: int = Field(50, ge=0)
@@ -260,6 +266,9 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str]
         tree = loaded
     elif path != DEFAULT_PARAMS:
         raise ConfigError(f"params file {path} does not exist")
+    else:
+        log.warning("no %s in %s: using detflow's built-in defaults (pipeline/config.py, the same values as the "
+                    "shipped params.yaml)", path, Path.cwd())
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
