@@ -15,6 +15,8 @@ import typer
 
 from pipeline.errors import ConfigError, DetflowError
 
+log = logging.getLogger("detflow")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="detflow: transfer-learning detection pipeline for medical imaging.")
 assets_app = typer.Typer(no_args_is_help=True, help="List and fetch named assets (datasets, weights).")
@@ -42,6 +44,36 @@ def _progress(quiet: bool) -> bool:
     return not quiet and os.environ.get("DETFLOW_NO_PROGRESS", "") in ("", "0")
 
 
+def _writable(path: Path, what: str, folder: bool = True) -> None:
+    """Fail before any work when an output cannot be created there (a file in the way, no permission), instead of
+    a traceback from the final write after minutes of work. Creates nothing."""
+    if path.exists():
+        if folder != path.is_dir():
+            raise DetflowError(f"{what} {path} is a {'folder' if path.is_dir() else 'file'}; expected a "
+                               f"{'folder' if folder else 'file'} path")
+        parent = path if folder else path.parent
+    else:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise DetflowError(f"cannot create {what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DetflowError(f"cannot write {what} {path}: no write permission on {parent}")
+
+
+def _threshold(value: float | None) -> float | None:
+    """--conf: a score threshold, checked while parsing (before any model loads)."""
+    from pipeline.infer.engine import check_threshold
+
+    if value is not None:
+        try:
+            check_threshold(value, "conf")
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
 @app.command()
 def phantom(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/raw/phantom"),
@@ -53,6 +85,7 @@ def phantom(
     from pipeline.data.phantom import generate_phantom
 
     p = _params(params, set_)
+    _writable(out, "output folder")
     summary = generate_phantom(p.phantom, out, progress=_progress(quiet))
     typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
                f"({summary.n_empty_slices} without nodules), {summary.n_boxes} boxes -> {out}")
@@ -73,6 +106,8 @@ def prepare(
     from pipeline.data.prepare import prepare_dataset
 
     p = _params(params, set_)
+    _writable(out, "prepared dataset folder")
+    _writable(report, "validation report", folder=False)
     result = prepare_dataset(p, out, report, raw_dir=raw_dir, phantom_dir=phantom_dir, mirrors=mirror,
                              progress=_progress(quiet))
     s = result.report["summary"]
@@ -99,6 +134,8 @@ def train(
     from pipeline.train.common import default_workdir
 
     p = _params(params, set_)
+    _writable(out, "weights folder")
+    _writable(reports, "reports folder")
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=_progress(quiet))
     t = result.transfer
@@ -124,6 +161,7 @@ def evaluate(
     from pipeline.evaluate.gate import gate_table
 
     p = _params(params, set_)
+    _writable(reports, "reports folder")
     result = evaluate_model(p, model, data, reports, progress=_progress(quiet))
     m = result.metrics
     typer.echo(f"evaluate ({m['split']}, {m['n_images']} images, {m['n_patients']} patients, "
@@ -145,6 +183,8 @@ def export(
     from pipeline.export import export_model
 
     p = _params(params, set_)
+    _writable(out, "model folder")
+    _writable(reports, "reports folder")
     result = export_model(p, model, data, reports, out)
     q = result.parity
     typer.echo(f"export: {result.model} (sha256 {result.card['sha256'][:12]}, opset {result.card['opset']}); parity "
@@ -164,18 +204,21 @@ def infer(
     render: Annotated[bool, typer.Option(help="also write images with boxes drawn")] = False,
     providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
     require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
-    conf: Annotated[float | None, typer.Option(help="score threshold (default: the card's)")] = None,
+    conf: Annotated[float | None, typer.Option(callback=_threshold,
+                                               help="score threshold in [0, 1] (default: the card's)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
-    from pipeline.infer.batch import run_batch
+    from pipeline.infer.batch import collect_sources, run_batch
     from pipeline.infer.engine import OnnxDetector, plan_workers
 
+    items = collect_sources(source)  # a bad source or output folder fails here, before the model loads
+    _writable(out, "output folder")
     workers, threads = plan_workers(workers)
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
         detector.conf = conf
-    s = run_batch(detector, source, out, batch=batch, render=render, progress=_progress(quiet), workers=workers)
+    s = run_batch(detector, items, out, batch=batch, render=render, progress=_progress(quiet), workers=workers)
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
                f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
                f"-> {out / 'predictions.json'}")
@@ -298,37 +341,62 @@ def flow_run(
     repo: Annotated[Path, typer.Option(help="repository checkout to run in")] = Path("."),
 ) -> None:
     """Run the training flow locally: each DVC stage as a Prefect task, then report, register and promote."""
-    from flows.training import training_pipeline
+    if not repo.is_dir():
+        raise DetflowError(f"repository checkout {repo} is not a folder")
+    _params(repo / "params.yaml", set_)  # bad params or overrides fail here, before a Prefect server starts
+    from flows.training import start_local_server, training_pipeline
 
+    start_local_server()  # patient on a cold first start (new database); one clear line if it cannot start
     summary = training_pipeline(overrides=set_ or [], push=push, repo=str(repo), remote=remote)
     for stage, s in summary["stages"].items():
         typer.echo(f"  {stage:<9} {s['status']:<8} {s['seconds']:>7.1f} s")
     typer.echo(f"{summary['message']}; champion {summary['champion']} ({summary['seconds']:.1f} s)")
 
 
-def main() -> None:
-    """Console entry: user errors become one clear message and exit 2 (bad params) or 1, never a traceback."""
-    logging.basicConfig(level=os.environ.get("DETFLOW_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app(standalone_mode=False)
-    except ConfigError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
-        sys.exit(2)
-    except DetflowError as e:
-        typer.secho(f"error: {e}", err=True, fg="red")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True, fg="red")
-        sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
+def _fail(message: str, code: int) -> int:
+    log.debug("the error's traceback", exc_info=True)  # DETFLOW_LOG=DEBUG shows it
+    typer.secho(f"error: {message}", err=True, fg="red")
+    return code
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit | click.exceptions.Abort):
-            sys.exit(getattr(e, "exit_code", 1))
-        raise
+
+def _usage_error(e: typer.TyperException) -> int:
+    """Typer's usage errors (its vendored click: UsageError, NoSuchOption, BadParameter, ...) as one line plus
+    where help is, exit 2 as click does."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare `detflow` / `detflow registry`: show the help (as typer)
+        e.show()  # type: ignore[attr-defined]
+        return e.exit_code
+    hint = f" (see '{ctx.command_path} {ctx.help_option_names[0]}')" if ctx is not None else ""
+    return _fail(f"{e.format_message().rstrip('.')}{hint}", e.exit_code)
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code: 0 ok, 1 a failed stage or a bad input file, 2 a usage or params error.
+
+    User errors print one line (``error: ...``), never a traceback. ``standalone_mode=False`` hands every error to
+    us: typer >= 0.25 raises its own vendored click exceptions, which click's handlers would not recognise.
+    """
+    try:
+        rc = app(args=args, standalone_mode=False)  # --help and typer.Exit return their code
+        return rc if isinstance(rc, int) else 0
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    except DetflowError as e:
+        return _fail(str(e), 1)
+    except typer.TyperException as e:
+        return _usage_error(e)
+    except typer.Abort:
+        return _fail("aborted", 1)
+    except OSError as e:  # a file system problem that no check foresaw: disk full, a permission changed meanwhile
+        return _fail(str(e), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def main() -> None:
+    """Console entry: user errors become one clear message and exit 2 (usage, bad params) or 1, never a traceback."""
+    logging.basicConfig(level=os.environ.get("DETFLOW_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(run())
 
 
 if __name__ == "__main__":

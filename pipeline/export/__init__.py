@@ -1,10 +1,15 @@
-"""Export stage: ONNX model, parity report against PyTorch, model card. Published only when parity holds."""
+"""Export stage: ONNX model, parity report against PyTorch, model card. Published only when parity holds.
+
+``model.onnx`` and ``model_card.json`` are published together (:func:`pipeline.fileio.atomic_outputs`): a kill at
+any point leaves the previous pair or the new one (or a commit journal that the next export rolls forward first).
+``reports/parity.json`` reports the latest attempt, passed or failed; the card carries the published model's parity.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,8 +19,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params
-from pipeline.errors import DetflowError
-from pipeline.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.errors import DataError, DetflowError
+from pipeline.fileio import (
+    atomic_outputs,
+    atomic_write_json,
+    private_workdir,
+    recover_outputs,
+    remove_leftovers,
+    sha256_file,
+)
 
 
 class ParityFailed(DetflowError):
@@ -191,17 +203,60 @@ def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, 
     }
 
 
+def _read_json(path: Path, what: str, default: dict | None = None) -> dict:
+    """A JSON object input; missing -> ``default`` (or an error when None); damaged -> one clear error."""
+    if not path.is_file():
+        if default is not None:
+            return default
+        raise DetflowError(f"{what} {path} not found")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DetflowError(f"{what} {path} is not valid JSON ({e}); rerun the stage that writes it") from None
+    if not isinstance(doc, dict):
+        raise DetflowError(f"{what} {path} holds a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
+# The scratch folders of detflow <= 0.x (tempfile, `.export-XXXXXXXX` beside the model folder) were never removed
+# after a kill; they held only these files.
+_LEGACY_WORKDIR = re.compile(r"^\.export-[a-z0-9_]{8}$")
+_LEGACY_FILES = {"best.pt", "best.onnx", "model.onnx", "model_card.json"}
+
+
+def recover_export(out_dir: Path, reports: Path | None = None) -> list[Path]:
+    """Finish or undo what a killed export left: roll a committed model/card pair forward, remove staged files,
+    scratch folders and report temporaries of dead runs. Returns what was removed."""
+    removed = recover_outputs(out_dir / "model.onnx", out_dir / "model_card.json")
+    removed += remove_leftovers(out_dir / "export")
+    if reports is not None:
+        removed += remove_leftovers(reports / "parity.json")
+    for entry in out_dir.parent.iterdir() if out_dir.parent.is_dir() else []:
+        if _LEGACY_WORKDIR.match(entry.name) and entry.is_dir() and not entry.is_symlink() \
+                and {p.name for p in entry.iterdir()} <= _LEGACY_FILES:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def export_model(params: Params, model_path: Path, prepared: Path, reports: Path, out_dir: Path) -> ExportResult:
-    """Export, check, measure parity; publish ``model.onnx`` + ``model_card.json`` only if parity holds."""
+    """Export, check, measure parity; publish ``model.onnx`` + ``model_card.json`` only if parity holds.
+
+    Every input is checked before the export starts; the work happens in a private scratch folder under
+    ``out_dir`` that a killed run leaves for the next one to remove.
+    """
     import onnx
 
+    from pipeline.evaluate import load_split
     from pipeline.evaluate.predict import TorchDetector
     from pipeline.infer.engine import OnnxDetector
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recover_export(out_dir, reports)
     gate_path = reports / "gate.json"
     if not gate_path.is_file():
         raise DetflowError(f"{gate_path} not found: evaluate the model (`detflow evaluate`) before exporting")
-    gate = json.loads(gate_path.read_text())
+    gate = _read_json(gate_path, "gate verdict")
     if not gate.get("passed"):
         raise DetflowError(f"the evaluation gate did not pass ({gate_path}); refusing to export")
     if params.export.half:
@@ -210,18 +265,21 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         if not torch.cuda.is_available():
             raise DetflowError("export.half needs a CUDA GPU at export time (Ultralytics exports FP16 on GPU only); "
                                "set export.half: false")
+    if not (prepared / "prepare_info.json").is_file():
+        raise DataError(f"prepared dataset {prepared} lacks prepare_info.json; run `detflow prepare` (or `dvc repro`)")
+    _read_json(prepared / "prepare_info.json", "dataset info")
+    load_split(prepared, params.evaluate.split)  # the parity images
+    metrics = _read_json(reports / "metrics.json", "evaluation metrics", default={})
+    summary = _read_json(reports / "train" / "summary.json", "training summary", default={})
     torch_det = TorchDetector.load(model_path)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None) as t:
-        work = Path(t)
+    work = private_workdir(out_dir, "export")
+    try:
         if torch_det.family == "yolo":
             onnx_path, opset = _export_yolo(model_path, work, torch_det.imgsz, params), params.export.opset
         else:
             onnx_path, opset = _export_frcnn(model_path, work, torch_det.imgsz, params), params.export.opset_frcnn
         onnx.checker.check_model(str(onnx_path))
-        metrics = json.loads((reports / "metrics.json").read_text()) if (reports / "metrics.json").exists() else {}
-        summary_path = reports / "train" / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         card = build_card(family=torch_det.family, model_name=summary.get("model", torch_det.family),
                           classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path, opset=opset,
                           prepared=prepared, train_summary=summary, metrics=metrics, gate=gate, parity={},
@@ -240,7 +298,9 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["parity"] = {k: parity[k] for k in ("matched_fraction", "max_abs_box_diff_px", "max_abs_score_diff",
                                                  "map50_95_torch", "map50_95_onnx", "delta", "passed")}
         card["version"] = card["sha256"][:12]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "model.onnx", onnx_path.read_bytes())
-        atomic_write_json(out_dir / "model_card.json", card)
+        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json") as (model_staged, card_staged):
+            shutil.copyfile(onnx_path, model_staged)  # a new file: the umask's permissions (0644), not the work's
+            card_staged.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_dir / "model.onnx", card, parity)

@@ -24,17 +24,45 @@ class BatchSummary:
     providers: list[str] = field(default_factory=list)
 
 
+Source = tuple[str, int, Path]  # display name, image id (the COCO id, else the input's position), path
+
+
+def _read_text(source: Path, what: str) -> str:
+    try:
+        return source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DetflowError(f"{source} is not a {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _coco_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
+    """The images of a COCO file, checked whole before any is yielded: a file that is not a COCO dataset fails
+    with one line naming what is wrong."""
+    what = "COCO dataset (expected an object with an \"images\" list of {\"id\", \"file_name\"})"
+    try:
+        doc = json.loads(_read_text(source, what))
+    except json.JSONDecodeError as e:
+        raise DetflowError(f"{source} is not a {what}: invalid JSON ({e})") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise DetflowError(f"{source} is not a {what}: no \"images\" list")
+    for i, img in enumerate(images):
+        ok = isinstance(img, dict) and isinstance(img.get("file_name"), str) and img["file_name"] \
+            and isinstance(img.get("id"), int) and not isinstance(img["id"], bool)
+        if not ok:
+            raise DetflowError(f"{source} is not a {what}: images[{i}] is {json.dumps(img)[:80]}")
+    base = source.parent.parent if source.parent.name == "coco" else source.parent
+    for img in images:
+        yield img["file_name"], img["id"], base / img["file_name"]
+
+
 def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
     """(display name, COCO image id or None, path) for every input the source names."""
     if not source.exists():
         raise DetflowError(f"inference source {source} does not exist")
     if source.is_file() and source.suffix == ".json":
-        doc = json.loads(source.read_text())
-        base = source.parent.parent if source.parent.name == "coco" else source.parent
-        for img in doc["images"]:
-            yield img["file_name"], int(img["id"]), base / img["file_name"]
+        yield from _coco_sources(source)
     elif source.is_file() and source.suffix == ".txt":
-        for line in source.read_text().splitlines():
+        for line in _read_text(source, "file list (one image path per line)").splitlines():
             if line.strip() and not line.startswith("#"):
                 p = Path(line.strip())
                 p = p if p.is_absolute() else source.parent / p
@@ -47,13 +75,22 @@ def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
                 yield p.relative_to(source).as_posix(), None, p
 
 
-def run_batch(detector: OnnxDetector, source: Path, out_dir: Path, batch: int = 8, render: bool = False,
-              progress: bool = True, predictions_name: str = "predictions.json", workers: int = 1) -> BatchSummary:
+def collect_sources(source: Path) -> list[Source]:
+    """Every input of ``source``, listed up front so that a bad source fails before a model loads or work starts."""
+    return [(name, image_id if image_id is not None else index + 1, path)
+            for index, (name, image_id, path) in enumerate(iter_sources(source))]
+
+
+def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path, batch: int = 8,
+              render: bool = False, progress: bool = True, predictions_name: str = "predictions.json",
+              workers: int = 1) -> BatchSummary:
     """Stream inputs through the engine, ``batch`` images per model call and ``workers`` calls at once (see
-    :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders."""
+    :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders.
+
+    ``source``: a path (see :func:`iter_sources`) or the list :func:`collect_sources` made of one.
+    """
     summary = BatchSummary(providers=detector.providers)
-    items = [(name, image_id if image_id is not None else index + 1, path)
-             for index, (name, image_id, path) in enumerate(iter_sources(source))]
+    items = source if isinstance(source, list) else collect_sources(source)
     results: list[dict] = []
     with tqdm(total=len(items), desc="inference", unit="img", disable=not progress) as bar:
         stream = detector.predict_stream(items, batch=batch, workers=workers,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import threading
 from collections import deque
@@ -33,6 +35,14 @@ class ModelLoadError(DetflowError):
 
 class ProviderError(DetflowError):
     """A required execution provider is not active."""
+
+
+def check_threshold(value: float, name: str = "conf") -> float:
+    """A score or IoU threshold: a finite number in [0, 1] (5, -1 or nan would silently keep all or no boxes)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _sha256(path: Path) -> str:
@@ -91,13 +101,7 @@ class OnnxDetector:
             raise ModelLoadError(f"model {self.model_path} not found; run `detflow export` (or `dvc repro`)")
         if not self.card_path.is_file():
             raise ModelLoadError(f"model card {self.card_path} not found next to the model; export writes both")
-        try:
-            self.card: dict[str, Any] = json.loads(self.card_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"model card {self.card_path} is not valid JSON: {e}") from None
-        for key in ("family", "classes", "input", "sha256"):
-            if key not in self.card:
-                raise ModelLoadError(f"model card {self.card_path} lacks {key!r}; re-export the model")
+        self.card: dict[str, Any] = self._read_card()
         if verify_checksum:
             actual = _sha256(self.model_path)
             if actual != self.card["sha256"]:
@@ -142,15 +146,59 @@ class OnnxDetector:
         self.imgsz: int = int(self.card["input"]["imgsz"])
         self.input_name = self.session.get_inputs()[0].name
         self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        post = self.card.get("postprocess", {})
-        self.conf, self.nms_iou, self.max_det = post.get("conf", 0.25), post.get("nms_iou", 0.7), \
-            post.get("max_det", 300)
+        post = self.card.get("postprocess") or {}
+        try:
+            self.conf = post.get("conf", 0.25)
+            self.nms_iou = check_threshold(post.get("nms_iou", 0.7), "nms_iou")
+            self.max_det = int(post.get("max_det", 300))
+            if self.max_det < 1:
+                raise ValueError(f"max_det must be >= 1, got {self.max_det}")
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"model card {self.card_path}: postprocess: {e}; re-export the model") from None
         self.dynamic_batch = self.family == "yolo"
         self._local = threading.local()
         # Minimal (rect) padding only where the card says the model takes it and the graph's H/W are dynamic.
         in_shape = self.session.get_inputs()[0].shape
         self.stride: int = int(self.card["input"].get("stride") or 0) \
             if all(isinstance(d, str) for d in in_shape[2:]) else 0
+
+    @property
+    def conf(self) -> float:
+        """Default score threshold (the card's unless set); a finite number in [0, 1]."""
+        return self._conf
+
+    @conf.setter
+    def conf(self, value: float) -> None:
+        self._conf = check_threshold(value, "conf")
+
+    def _read_card(self) -> dict[str, Any]:
+        """The card, checked for the fields and types the engine relies on: a damaged card fails here, clearly."""
+        where = f"model card {self.card_path}"
+        try:
+            card = json.loads(self.card_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{where} is not valid JSON ({e}); re-export the model") from None
+        if not isinstance(card, dict):
+            raise ModelLoadError(f"{where} holds a JSON {type(card).__name__}, expected an object; re-export the model")
+        for key in ("family", "classes", "input", "sha256"):
+            if key not in card:
+                raise ModelLoadError(f"{where} lacks {key!r}; re-export the model")
+        classes, inp = card["classes"], card["input"]
+        imgsz = inp.get("imgsz") if isinstance(inp, dict) else None
+        problems = []
+        if card["family"] not in ("yolo", "frcnn"):
+            problems.append(f"family {card['family']!r} is not 'yolo' or 'frcnn'")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            problems.append("classes is not a non-empty list of names")
+        if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 1:
+            problems.append("input.imgsz is not a positive integer")
+        if not isinstance(card["sha256"], str):
+            problems.append("sha256 is not a string")
+        if not isinstance(card.get("postprocess") or {}, dict):
+            problems.append("postprocess is not an object")
+        if problems:
+            raise ModelLoadError(f"{where}: {'; '.join(problems)}; re-export the model")
+        return card
 
     def _check_card_against_graph(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -209,8 +257,8 @@ class OnnxDetector:
 
     def predict(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
                 max_det: int | None = None) -> list[Detections]:
-        conf = self.conf if conf is None else conf
-        iou = self.nms_iou if iou is None else iou
+        conf = self.conf if conf is None else check_threshold(conf, "conf")
+        iou = self.nms_iou if iou is None else check_threshold(iou, "iou")
         max_det = self.max_det if max_det is None else max_det
         if not images:
             return []
