@@ -49,7 +49,8 @@ def bad_voc(tmp_path: Path) -> Path:
     for i in range(2):
         _jpeg(img / f"clean{i}.jpg", seed=i)
         _voc_xml(ann / f"clean{i}.xml", f"clean{i}.jpg", [good])
-    _jpeg(img / "corrupt.jpg")
+    # Every image has its own pixels (seed): byte-identical files are one image to prepare (pipeline.data.dedupe).
+    _jpeg(img / "corrupt.jpg", seed=10)
     data = (img / "corrupt.jpg").read_bytes()
     (img / "corrupt.jpg").write_bytes(data[: len(data) // 2])
     _voc_xml(ann / "corrupt.xml", "corrupt.jpg", [good])
@@ -57,16 +58,16 @@ def bad_voc(tmp_path: Path) -> Path:
     _voc_xml(ann / "text.xml", "text.png", [good])
     Image.new("RGBA", (64, 48), (10, 200, 30, 128)).save(img / "rgba.png")
     _voc_xml(ann / "rgba.xml", "rgba.png", [good])
-    _jpeg(img / "outside.jpg")
+    _jpeg(img / "outside.jpg", seed=11)
     _voc_xml(ann / "outside.xml", "outside.jpg", [_obj("cell", (50, 30, 70, 47)), _obj("cell", (40, 30, 66, 45))])
-    _jpeg(img / "unknown.jpg")
+    _jpeg(img / "unknown.jpg", seed=12)
     _voc_xml(ann / "unknown.xml", "unknown.jpg", [good, _obj("tumour", (30, 5, 40, 15))])
-    _jpeg(img / "nobnd.jpg")
+    _jpeg(img / "nobnd.jpg", seed=13)
     _voc_xml(ann / "nobnd.xml", "nobnd.jpg", [good, _obj("cell", None)])
     _voc_xml(ann / "ghost.xml", "ghost.jpg", [good])  # annotation for a missing image
-    _jpeg(img / "zero.jpg")
+    _jpeg(img / "zero.jpg", seed=14)
     _voc_xml(ann / "zero.xml", "zero.jpg", [good, _obj("cell", (30, 30, 30, 40))])
-    _jpeg(img / "dups.jpg")
+    _jpeg(img / "dups.jpg", seed=15)
     _voc_xml(ann / "dups.xml", "dups.jpg", [good, _obj("cell", (5, 5, 20, 20)), _obj("cell", (5, 5, 20, 21))])
     return root
 

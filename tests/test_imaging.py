@@ -41,15 +41,40 @@ def test_fast_decode_equals_pillow(fmt: str, kw: dict) -> None:
     assert fast.conversions == [] and fast.encoded is None
 
 
-def test_fast_decode_ignores_exif_orientation_like_pillow() -> None:
-    """OpenCV rotates by EXIF Orientation unless told not to; boxes are in stored-pixel coordinates, so it must not."""
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_both_decode_paths_apply_exif_orientation(orientation: int, fmt: str) -> None:
+    """Images are upright everywhere (prepare stores them upright; infer/serve decode them upright), as viewers,
+    OpenCV and Ultralytics show them: both paths equal Pillow's ``ImageOps.exif_transpose``. (Before: the
+    decoders ignored EXIF, so a phone photo was detected on sideways pixels.)"""
+    from PIL import ImageOps
+
     arr = _photo(40, 90)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW on display
-    data = _encode(arr, "JPEG", quality=90, exif=exif.tobytes())
-    fast = load_raster(data, keep_encoded=False)
-    assert fast.rgb.shape == (40, 90, 3)
-    np.testing.assert_array_equal(fast.rgb, _pillow_pixels(data))
+    exif[0x0112] = orientation
+    data = _encode(arr, fmt, exif=exif.tobytes(), **({"quality": 90} if fmt == "JPEG" else {}))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    fast, strict = load_raster(data, keep_encoded=False), load_raster(data, keep_encoded=True)
+    assert fast.rgb.shape == upright.shape == ((90, 40, 3) if orientation >= 5 else (40, 90, 3))
+    np.testing.assert_array_equal(fast.rgb, upright)
+    np.testing.assert_array_equal(strict.rgb, upright)
+    assert fast.orientation == strict.orientation == orientation
+    # the data stage re-encodes a turned image (it must not keep bytes whose stored frame differs)
+    assert (strict.encoded is None) == (orientation != 1)
+    assert [k for k, _ in strict.conversions] == ([] if orientation == 1 else ["exif_orientation"])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_boxes_follows_the_pixels(orientation: int) -> None:
+    """A box drawn around a bright block on the stored pixels lands on the block in the upright pixels."""
+    from pipeline.data.imaging import apply_orientation, orient_boxes
+
+    stored = np.zeros((40, 90, 3), np.uint8)
+    stored[5:15, 20:50] = 255
+    up = apply_orientation(stored, orientation)
+    ys, xs = np.nonzero(up[:, :, 0])
+    box = orient_boxes(np.array([[20, 5, 50, 15]]), orientation, 90, 40)[0]
+    assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
 def test_non_rgb_and_16_bit_files_keep_pillows_conversions() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-Action = Literal["fixed", "box_dropped", "image_quarantined"]
+# fixed: changed and kept; box_dropped: one box left out; image_quarantined: one image file left out (with its
+# boxes); ignored: a file in the dataset folder that is neither an image nor an annotation the stage uses.
+Action = Literal["fixed", "box_dropped", "image_quarantined", "ignored"]
 
 
 @dataclass
@@ -27,6 +29,12 @@ class Sample:
     labels: list[str] = field(default_factory=list)
     official_split: str | None = None  # train | val | test when the dataset ships its own split
     size_hint: tuple[int, int] | None = None  # (width, height) the annotation claims, if any
+    # The annotation unit the boxes came from (an XML file, a label file, a COCO image id, a CSV): one unit that
+    # ends up describing two different images is ambiguous (see pipeline.data.dedupe).
+    annotation: str = ""
+    # Frame the boxes were drawn in when the format says so: "stored" pixels or "upright" (EXIF applied);
+    # None lets prepare decide from size_hint, then the stored frame (see README, EXIF orientation).
+    label_frame: str | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
@@ -36,15 +44,30 @@ class Sample:
 
 @dataclass(frozen=True)
 class Problem:
-    """One validation finding. Nothing is dropped or changed without one of these."""
+    """One validation finding. Nothing is dropped or changed without one of these.
+
+    ``boxes`` is how many annotated boxes this finding leaves out (a dropped box: 1; a quarantined image: all of
+    its boxes; a missing image: the boxes that named it), so the report's totals reconcile. ``image`` is the
+    image file a quarantine refers to (not written to the report: it may carry a patient identifier).
+    """
 
     file: str
     kind: str
     detail: str
     action: Action
+    boxes: int = -1  # -1: the default for the action (1 for box_dropped, else 0)
+    image: Path | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict[str, str]:
-        return {"file": self.file, "kind": self.kind, "detail": self.detail, "action": self.action}
+    def __post_init__(self) -> None:
+        if self.boxes < 0:
+            object.__setattr__(self, "boxes", 1 if self.action == "box_dropped" else 0)
+
+    def with_text(self, file: str, detail: str) -> Problem:
+        return replace(self, file=file, detail=detail)
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {"file": self.file, "kind": self.kind, "detail": self.detail, "action": self.action,
+                "boxes": self.boxes}
 
 
 # Every kind the data stage records, with what it means; the report carries this legend.
@@ -68,4 +91,13 @@ PROBLEM_KINDS: dict[str, str] = {
     "image_too_large": "image has more pixels than allowed (decompression-bomb guard)",
     "missing_annotation": "image has no annotation file (VOC) and is left out",
     "not_in_official_split": "image is not listed in any of the dataset's official split files",
+    "exif_orientation": "JPEG/PNG/TIFF with an EXIF Orientation: stored upright, boxes turned with the pixels if "
+                        "they were drawn on the stored pixels",
+    "duplicate_image": "one image file carries more than one annotation record (kept once when they agree, "
+                       "quarantined when they conflict), or one annotation record names several different images",
+    "duplicate_content": "byte-identical image files under different names: kept, all in one split",
+    "unlisted_image": "image file on disk that no annotation lists (COCO) and is left out",
+    "unsupported_file": "file in the dataset folder that the format's reader does not use",
+    "non_utf8_text": "annotation text file is not UTF-8; decoded as Windows-1252",
+    "unreadable_dataset": "a dataset folder's annotations cannot be read at all; its images are left out",
 }
