@@ -1,0 +1,1 @@
+"""Data stage: phantom generator, format readers, validation, de-duplication, patient split, writer."""

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.errors import DetflowError
 from pipeline.infer.processing import Detections, frcnn_postprocess, preprocess, yolo_postprocess
+from pipeline.ultralytics_env import configure_environment
 
 
 @dataclass
@@ -30,17 +31,32 @@ class TorchDetector:
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> TorchDetector:
-        if not Path(path).is_file():
+        """A detflow Faster R-CNN or Ultralytics YOLO checkpoint; any other, damaged or truncated file fails with
+        one line naming it and what was expected."""
+        path = Path(path)
+        expected = "expected a PyTorch checkpoint written by `detflow train` (e.g. models/train/best.pt)"
+        if not path.is_file():
             raise DetflowError(f"model checkpoint {path} not found; run `detflow train` (or `dvc repro`)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        configure_environment()  # unpickling a YOLO checkpoint imports Ultralytics: keep it offline and in the project
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # what the unpickler raises depends on the damage (UnpicklingError, EOFError, ...)
+            reason = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
+            raise DetflowError(f"cannot read model checkpoint {path}: not a PyTorch checkpoint, or truncated "
+                               f"({reason}); {expected}") from None
         if isinstance(ckpt, dict) and ckpt.get("family") == "frcnn":
             from pipeline.train.frcnn import load_frcnn_checkpoint
 
-            model, meta = load_frcnn_checkpoint(Path(path))
+            try:
+                model, meta = load_frcnn_checkpoint(path)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise DetflowError(f"model checkpoint {path} is a damaged detflow Faster R-CNN checkpoint "
+                                   f"({type(e).__name__}: {e}); {expected}") from None
             return cls("frcnn", model.to(device).eval(), int(meta["imgsz"]), list(meta["classes"]), device)
         ema = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
-        if ema is None:
-            raise DetflowError(f"{path} is neither a detflow Faster R-CNN nor an Ultralytics YOLO checkpoint")
+        if not isinstance(ema, torch.nn.Module) or not hasattr(ema, "names"):
+            raise DetflowError(f"model checkpoint {path} is neither a detflow Faster R-CNN nor an Ultralytics YOLO "
+                               f"checkpoint; {expected}")
         model = ema.float().eval()
         if hasattr(model, "fuse"):
             model = model.fuse(verbose=False)

@@ -43,17 +43,16 @@ class ExportResult:
 
 def _export_yolo(best: Path, work: Path, imgsz: int, params: Params) -> Path:
     """Ultralytics' exporter on a copy of the checkpoint (it writes next to its input, a DVC output)."""
+    from pipeline.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
     from ultralytics import YOLO
 
-    from pipeline.train.common import default_workdir
-    from pipeline.train.yolo import configure_ultralytics
-
-    configure_ultralytics(default_workdir())
     copy = work / "best.pt"
     shutil.copy(best, copy)
     ex = params.export
     out = YOLO(str(copy)).export(format="onnx", dynamic=True, simplify=ex.simplify, opset=ex.opset, imgsz=imgsz,
-                                 half=ex.half, device="0" if ex.half else "cpu", verbose=False)
+                                 quantize="fp16" if ex.half else None, device="0" if ex.half else "cpu", verbose=False)
     return Path(out)
 
 

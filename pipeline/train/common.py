@@ -178,7 +178,9 @@ def transfer_summary(pretrained: PretrainedSource, report: dict[str, Any] | None
 
 def default_workdir() -> Path:
     """Resumable run state lives outside DVC outputs (which DVC deletes before a stage runs)."""
-    return Path(os.environ.get("DETFLOW_WORKDIR", ".detflow")) / "train"
+    from pipeline.ultralytics_env import state_root
+
+    return state_root() / "train"
 
 
 def pretrained_unavailable(mode: str, model: str, reason: str | Exception) -> PretrainedSource:
@@ -199,6 +201,9 @@ def plot_training_curves(results_csv: Path, out_png: Path) -> None:
     """Loss and validation mAP per epoch, one figure (both families write the same results.csv columns)."""
     import csv
 
+    from pipeline.ultralytics_env import configure_environment
+
+    configure_environment()  # Matplotlib's font cache goes to the project's work folder, not ~/.cache
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,6 +4,9 @@ Ultralytics owns the training loop (data loading, augmentation, AMP, DDP, EMA, c
 lacks: COCO weights from the original YOLOv5 checkpoint, strategies with an exact freeze schedule, lower
 learning rates for pretrained layers, and a transfer report. The trainer subclass reads its settings from a
 JSON spec named by ``DETFLOW_TRAIN_SPEC``, so Ultralytics' DDP subprocesses rebuild it identically.
+
+Importing this module does not import Ultralytics (whose import probes the network and writes settings): the
+trainer class is built on first access, after :func:`pipeline.ultralytics_env.import_ultralytics`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.models.yolo.detect import DetectionTrainer
 
 from pipeline import assets
 from pipeline.config import Params, TrainParams
@@ -37,26 +39,12 @@ from pipeline.train.common import (
     yolo_group_prefixes,
 )
 from pipeline.train.weights_import import UnsafeCheckpointError, load_yolov5_state_dict, transfer_state_dict
+from pipeline.ultralytics_env import import_ultralytics
 
 log = logging.getLogger(__name__)
 SPEC_ENV = "DETFLOW_TRAIN_SPEC"
 # COCO checkpoints we know for each architecture (asset names in pipeline/assets.py).
 YOLO_COCO_ASSETS = {"yolov5n": "yolov5n-coco", "yolo11n": "yolo11n-coco", "yolo11s": "yolo11s-coco"}
-
-
-def configure_ultralytics(workdir: Path) -> None:
-    """Keep Ultralytics' settings inside the project and switch off its tracking integrations.
-
-    Its own DVCLive callback would write a dvc.yaml into the working directory; we log with DVCLive ourselves.
-    """
-    os.environ.setdefault("YOLO_CONFIG_DIR", str((workdir / "ultralytics-config").resolve()))
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics.utils import SETTINGS
-
-    off = {k: False for k in ("dvc", "mlflow", "comet", "clearml", "wandb", "neptune", "raytune", "tensorboard",
-                              "hub", "sync") if k in SETTINGS and SETTINGS[k] is not False}
-    if off:
-        SETTINGS.update(off)
 
 
 def load_checkpoint_state(path: Path, expected_sha256: str | None, trust: bool) -> dict[str, torch.Tensor]:
@@ -69,6 +57,7 @@ def load_checkpoint_state(path: Path, expected_sha256: str | None, trust: bool) 
         if "'ultralytics." not in str(e):
             raise
     # load_yolov5_state_dict verified the sha256 (or trust) before unpickling, so the full loader is allowed.
+    import_ultralytics()  # unpickling imports Ultralytics' classes
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt.get("ema") or ckpt.get("model")
     if model is None:
@@ -123,58 +112,87 @@ def _set_cpu_threads(trainer: Any) -> None:
         log.info("training on CPU with %d torch threads", n)
 
 
-class DetflowDetectionTrainer(DetectionTrainer):
-    """DetectionTrainer + COCO transfer, freeze schedule, discriminative LR, exact frozen EMA, DVCLive."""
-
-    def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None) -> None:
-        from ultralytics.cfg import DEFAULT_CFG
-
-        super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
-        self.detflow = _spec()
-        self.run_dir = Path(self.detflow["run_dir"])
-        self.prefixes: dict[str, list[str]] = self.detflow["group_prefixes"]
-        self.frozen_names: list[str] = []
-        self.live: Any = None
-        self.add_callback("on_train_start", _set_cpu_threads)
-        self.add_callback("on_train_epoch_start", _apply_freeze_schedule)
-        self.add_callback("on_train_batch_end", _pin_frozen_ema)
-        self.add_callback("on_fit_epoch_end", _log_epoch)
-        self.add_callback("on_train_end", _close_live)
-
-    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
-        model = super().get_model(cfg, weights, verbose)
-        state_path = self.detflow.get("pretrained_state")
-        if weights is None and state_path:  # a fresh run; on resume `weights` is the checkpoint's EMA
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            report = transfer_state_dict(model, state, self.detflow["pretrained"]["source"],
-                                         self.detflow["pretrained"]["sha256"])
-            atomic_write_json(self.run_dir / "transfer_report.json", report.to_dict())
-            log.info("transferred %d/%d tensors from %s", report.tensors_transferred, report.tensors_total,
-                     self.detflow["pretrained"]["source"])
-        return model
-
-    def build_optimizer(self, model: Any, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
-                        decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
-        """Ultralytics' optimizer with each param group split in two: pretrained layers get lr x mult."""
-        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        mult = float(self.detflow["backbone_lr_mult"])
-        pretrained = set(self.detflow.get("transferred_params") or [])
-        if mult == 1.0 or not pretrained:
-            return optimizer
-        owner = {id(p): n for n, p in model.named_parameters()}
-        groups = []
-        for group in optimizer.param_groups:
-            rest = {k: v for k, v in group.items() if k != "params"}
-            new = [p for p in group["params"] if owner.get(id(p)) not in pretrained]
-            old = [p for p in group["params"] if owner.get(id(p)) in pretrained]
-            if new:
-                groups.append({**rest, "params": new})
-            if old:
-                groups.append({**rest, "params": old, "lr": rest["lr"] * mult})
-        return type(optimizer)(groups, **optimizer.defaults)
+def __getattr__(name: str) -> Any:
+    """``DetflowDetectionTrainer`` subclasses an Ultralytics class, so it is built on first access."""
+    if name == "DetflowDetectionTrainer":
+        return trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _apply_freeze_schedule(trainer: DetflowDetectionTrainer) -> None:
+def trainer_class() -> type:
+    """The ``DetflowDetectionTrainer`` class (importing Ultralytics, configured, on the first call)."""
+    cls = globals().get("DetflowDetectionTrainer")
+    if cls is None:
+        cls = globals()["DetflowDetectionTrainer"] = _build_trainer_class()  # pickled by reference (DDP)
+    return cls
+
+
+def _build_trainer_class() -> type:
+    import_ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import RANK
+
+    class DetflowDetectionTrainer(DetectionTrainer):
+        """DetectionTrainer + COCO transfer, freeze schedule, discriminative LR, exact frozen EMA, DVCLive."""
+
+        def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None) -> None:
+            from ultralytics.cfg import DEFAULT_CFG
+
+            super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+            self.detflow = _spec()
+            self.run_dir = Path(self.detflow["run_dir"])
+            self.prefixes: dict[str, list[str]] = self.detflow["group_prefixes"]
+            self.frozen_names: list[str] = []
+            self.live: Any = None
+            self.add_callback("on_train_start", _set_cpu_threads)
+            self.add_callback("on_train_epoch_start", _apply_freeze_schedule)
+            self.add_callback("on_train_batch_end", _pin_frozen_ema)
+            self.add_callback("on_fit_epoch_end", _log_epoch)
+            self.add_callback("on_train_end", _close_live)
+            self.bar: Any = None
+            if self.detflow.get("progress") and RANK in (-1, 0):
+                self.add_callback("on_train_start", _open_bar)
+                self.add_callback("on_train_epoch_start", _epoch_started)
+                self.add_callback("on_fit_epoch_end", _advance_bar)
+                self.add_callback("on_train_end", _close_bar)
+
+        def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
+            model = super().get_model(cfg, weights, verbose)
+            state_path = self.detflow.get("pretrained_state")
+            if weights is None and state_path:  # a fresh run; on resume `weights` is the checkpoint's EMA
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
+                report = transfer_state_dict(model, state, self.detflow["pretrained"]["source"],
+                                             self.detflow["pretrained"]["sha256"])
+                atomic_write_json(self.run_dir / "transfer_report.json", report.to_dict())
+                log.info("transferred %d/%d tensors from %s", report.tensors_transferred, report.tensors_total,
+                         self.detflow["pretrained"]["source"])
+            return model
+
+        def build_optimizer(self, model: Any, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
+                            decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
+            """Ultralytics' optimizer with each param group split in two: pretrained layers get lr x mult."""
+            optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+            mult = float(self.detflow["backbone_lr_mult"])
+            pretrained = set(self.detflow.get("transferred_params") or [])
+            if mult == 1.0 or not pretrained:
+                return optimizer
+            owner = {id(p): n for n, p in model.named_parameters()}
+            groups = []
+            for group in optimizer.param_groups:
+                rest = {k: v for k, v in group.items() if k != "params"}
+                new = [p for p in group["params"] if owner.get(id(p)) not in pretrained]
+                old = [p for p in group["params"] if owner.get(id(p)) in pretrained]
+                if new:
+                    groups.append({**rest, "params": new})
+                if old:
+                    groups.append({**rest, "params": old, "lr": rest["lr"] * mult})
+            return type(optimizer)(groups, **optimizer.defaults)
+
+    DetflowDetectionTrainer.__qualname__ = "DetflowDetectionTrainer"
+    return DetflowDetectionTrainer
+
+
+def _apply_freeze_schedule(trainer: Any) -> None:
     """Set requires_grad for this epoch; Ultralytics puts BatchNorm of frozen layers in eval mode for us."""
     spec = trainer.detflow
     groups = frozen_groups_at(spec["strategy"], spec["unfreeze_at"], trainer.epoch)
@@ -193,7 +211,7 @@ def _apply_freeze_schedule(trainer: DetflowDetectionTrainer) -> None:
     atomic_write_json(log_path, history)
 
 
-def _pin_frozen_ema(trainer: DetflowDetectionTrainer) -> None:
+def _pin_frozen_ema(trainer: Any) -> None:
     """Keep frozen tensors bit-identical in the EMA (its update d*v + (1-d)*v rounds in the last bit)."""
     if not trainer.frozen_names or trainer.ema is None:
         return
@@ -207,7 +225,7 @@ def _pin_frozen_ema(trainer: DetflowDetectionTrainer) -> None:
                 v.copy_(msd[k])
 
 
-def _log_epoch(trainer: DetflowDetectionTrainer) -> None:
+def _log_epoch(trainer: Any) -> None:
     from dvclive import Live
 
     if trainer.live is None:
@@ -223,9 +241,41 @@ def _log_epoch(trainer: DetflowDetectionTrainer) -> None:
     live.next_step()
 
 
-def _close_live(trainer: DetflowDetectionTrainer) -> None:
+def _close_live(trainer: Any) -> None:
     if trainer.live is not None:
         trainer.live.end()
+
+
+def _open_bar(trainer: Any) -> None:
+    """One bar over the epochs (Ultralytics' own per-batch bars and tables are off: its log level is WARNING)."""
+    from tqdm import tqdm
+
+    trainer.bar = tqdm(total=trainer.epochs, initial=trainer.start_epoch, desc="train", unit="epoch",
+                       dynamic_ncols=True)
+
+
+def _epoch_started(trainer: Any) -> None:
+    trainer.bar_epoch_open = True
+
+
+def _advance_bar(trainer: Any) -> None:
+    """After each epoch's validation: one step, val mAP in the postfix. Ultralytics fires the same event once more
+    after validating best.pt at the end; that only relabels the bar with the best model's scores."""
+    if trainer.bar is None:
+        return
+    m = trainer.metrics or {}
+    final = not getattr(trainer, "bar_epoch_open", False)
+    trainer.bar.set_postfix({"best mAP50" if final else "mAP50": f"{m.get('metrics/mAP50(B)', float('nan')):.3f}",
+                             "mAP50-95": f"{m.get('metrics/mAP50-95(B)', float('nan')):.3f}"}, refresh=final)
+    if not final:
+        trainer.bar_epoch_open = False
+        trainer.bar.update(1)
+
+
+def _close_bar(trainer: Any) -> None:
+    if trainer.bar is not None:
+        trainer.bar.close()
+        trainer.bar = None
 
 
 # --------------------------------------------------------------------------------------------- entry
@@ -254,7 +304,7 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     device = resolve_device(tp.device)
     info = check_prepared(prepared)
     prefixes = yolo_group_prefixes(tp.model)
-    configure_ultralytics(workdir)
+    import_ultralytics()
     from ultralytics import YOLO
 
     pretrained, state = resolve_pretrained(tp, raw_dir, mirrors, trust)
@@ -288,6 +338,7 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
         "pretrained_state": str(state_path) if state_path else None,
         "transferred_params": transferred,
         "params": params.model_dump(mode="json"),
+        "progress": progress,
     }
     spec_path = run_dir / "spec.json"
     atomic_write_json(spec_path, spec)
@@ -307,10 +358,10 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     if resume_epoch is not None:
         log.warning("resuming interrupted training from %s (epoch %d done)", last, resume_epoch + 1)
         model = YOLO(str(last))
-        model.train(resume=True, trainer=DetflowDetectionTrainer, workers=tp.workers, device=device)
+        model.train(resume=True, trainer=trainer_class(), workers=tp.workers, device=device)
     else:
         model = YOLO(f"{tp.model}.yaml")
-        model.train(trainer=DetflowDetectionTrainer, **args)
+        model.train(trainer=trainer_class(), **args)
     return _finish(params, pretrained, run_dir, out_dir, reports_dir, resume_epoch)
 
 
