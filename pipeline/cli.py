@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import ConfigError, DetflowError
+from pipeline.serve.entry import typer_command as serve_command
 
 log = logging.getLogger("detflow")
 
@@ -257,24 +258,7 @@ def assets_fetch(
     typer.echo(f"{name}: {path}")
 
 
-@app.command()
-def serve(
-    model: Annotated[Path | None, typer.Option(help="ONNX model (model_card.json next to it); "
-                                               "default models/model.onnx")] = None,
-    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
-    card: Annotated[Path | None, typer.Option(help="model card, when not next to the model")] = None,
-    providers: Annotated[str | None, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = None,
-    require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
-    workers: Annotated[int | None, typer.Option(min=1, help="inference thread pool size (default: CPU count)")] = None,
-    microbatch: Annotated[bool, typer.Option(help="collect concurrent requests into one predict call")] = False,
-    log_level: Annotated[str | None, typer.Option(help="critical, error, warning, info, debug")] = None,
-) -> None:
-    """HTTP inference service (FastAPI + uvicorn); more settings in DETFLOW_SERVE_* variables (TOKEN enables auth)."""
-    from pipeline.serve import serve as run_server
-
-    run_server(model, host, port, card=card, providers=providers, require_gpu=require_gpu or None,
-               workers=workers, microbatch=microbatch or None, log_level=log_level)
+app.command("serve")(serve_command())  # options shared with `python -m pipeline.serve`: pipeline/serve/entry.py
 
 
 RegistryRootOpt = Annotated[Path | None, typer.Option("--root", help="registry folder; default: the folder of "

@@ -1,7 +1,8 @@
 """HTTP inference service over the ONNX engine (FastAPI + uvicorn). Never imports torch.
 
-Entry points: ``serve(model, host, port, ...)`` (what ``detflow serve`` calls), ``run(settings)``,
-``create_app(settings, detector=None)`` and ``python -m pipeline.serve --model ... --host ... --port ...``.
+Entry points: ``detflow serve`` and ``python -m pipeline.serve --model ... --host ... --port ...`` (one option set,
+``pipeline.serve.entry``), both calling ``serve(model, host, port, ...)``; ``run(settings)``;
+``create_app(settings, detector=None)`` (its parts: see ``pipeline/serve/app.py``).
 
 Settings come from ``DETFLOW_SERVE_*`` environment variables (see :class:`ServeSettings`), explicit arguments win.
 
@@ -45,12 +46,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.serve.settings import ServeSettings
-
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from pipeline.serve.settings import ServeSettings
+
 __all__ = ["ServeSettings", "create_app", "run", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    """``ServeSettings`` on first use: ``detflow`` imports ``pipeline.serve.entry`` at every start, and pydantic
+    is not needed to print its help."""
+    if name == "ServeSettings":
+        from pipeline.serve.settings import ServeSettings
+
+        return ServeSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_app(settings: ServeSettings | None = None, detector: Any = None) -> FastAPI:

@@ -22,7 +22,8 @@ def run(settings: ServeSettings) -> None:
     """
     import uvicorn
 
-    from pipeline.serve.app import create_app, load_detector
+    from pipeline.serve.app import create_app
+    from pipeline.serve.loading import load_detector
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
