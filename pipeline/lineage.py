@@ -5,7 +5,8 @@ the module part of every stage's deps is computed from the source, statically (`
 
 * the entry of stage S is the ``detflow`` command named in S's ``cmd`` (``detflow infer ...`` -> the function
   registered as ``infer`` in ``pipeline/cli.py``), plus the ``pipeline/cli.py`` helpers it calls and the
-  module-level imports of ``pipeline/cli.py`` (they run before any command);
+  module-level imports of ``pipeline/cli.py`` (they run before any command; of those, only what runs at import
+  time is followed, since no stage calls their functions);
 * the closure follows every ``pipeline.*`` import, at module level and inside functions (lazy imports still run
   when the stage needs them), ``from pipeline.x import y`` where ``y`` is a submodule, and the ``__init__.py`` of
   every package on the way (importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py``). Imports under
@@ -106,12 +107,15 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _walk_runtime(nodes: Iterable[ast.AST]) -> Iterable[ast.AST]:
-    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run)."""
+def _walk_runtime(nodes: Iterable[ast.AST], at_import: bool = False) -> Iterable[ast.AST]:
+    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run), and with
+    ``at_import`` the bodies of functions too (what runs when the module is imported, not when it is used)."""
     stack = list(nodes)[::-1]
     while stack:
         node = stack.pop()
         yield node
+        if at_import and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             children: list[ast.AST] = [node.test, *node.orelse]
         else:
@@ -123,10 +127,11 @@ def _package_of(module: str, path: Path) -> str:
     return module if path.name == "__init__.py" else module.rpartition(".")[0]
 
 
-def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Path = REPO) -> set[str]:
+def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Path = REPO,
+                     at_import: bool = False) -> set[str]:
     """Names of the ``pipeline`` modules the statements import (submodules named in ``from x import y`` too)."""
     found: set[str] = set()
-    for node in _walk_runtime(nodes):
+    for node in _walk_runtime(nodes, at_import):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -147,8 +152,9 @@ def _with_parents(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
-def import_closure(start: set[str], root: Path = REPO) -> set[str]:
-    """``start`` plus every ``pipeline`` module they import, transitively, with the packages' ``__init__``."""
+def import_closure(start: set[str], root: Path = REPO, at_import: bool = False) -> set[str]:
+    """``start`` plus every ``pipeline`` module they import, transitively, with the packages' ``__init__``;
+    with ``at_import`` only the imports that run when a module is imported (not those inside its functions)."""
     seen: set[str] = set()
     todo = [p for m in start for p in _with_parents(m)]
     while todo:
@@ -160,7 +166,7 @@ def import_closure(start: set[str], root: Path = REPO) -> set[str]:
             continue
         seen.add(name)
         tree = ast.parse(path.read_text(), filename=str(path))
-        for imported in imported_modules(tree.body, name, path, root):
+        for imported in imported_modules(tree.body, name, path, root, at_import):
             todo.extend(_with_parents(imported) - seen)
     return seen
 
@@ -184,8 +190,10 @@ def _command_name(func: ast.FunctionDef) -> str | None:
     return None
 
 
-def entry_modules(command: str, root: Path = REPO) -> set[str]:
-    """Modules the ``detflow COMMAND`` entry imports directly: its body, cli helpers it calls, cli's module level."""
+def entry_modules(command: str, root: Path = REPO) -> tuple[set[str], set[str]]:
+    """Modules the ``detflow COMMAND`` entry imports directly: (cli's module level, its body and the cli helpers it
+    calls). Of the first only what runs at import counts: cli imports e.g. ``pipeline.serve.entry`` to register
+    ``detflow serve``, whose functions no stage calls."""
     path = root / "pipeline" / "cli.py"
     tree = ast.parse(path.read_text(), filename=str(path))
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
@@ -194,7 +202,8 @@ def entry_modules(command: str, root: Path = REPO) -> set[str]:
         raise LineageError(f"no `{ENTRY_PROGRAM} {command}` command in {path} "
                            f"(commands: {', '.join(sorted(commands))})")
     module_level = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
-    found = imported_modules(module_level, CLI_MODULE, path, root)
+    at_load = imported_modules(module_level, CLI_MODULE, path, root)
+    found: set[str] = set()
     todo, done = [commands[command]], set()
     while todo:
         func = todo.pop()
@@ -204,7 +213,7 @@ def entry_modules(command: str, root: Path = REPO) -> set[str]:
         found |= imported_modules(func.body, CLI_MODULE, path, root)
         called = {n.func.id for n in ast.walk(func) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         todo.extend(funcs[name] for name in called if name in funcs and name not in done)
-    return found
+    return at_load, found
 
 
 def stage_command(cmd: Any) -> str | None:
@@ -219,8 +228,9 @@ def stage_command(cmd: Any) -> str | None:
 
 def module_deps(command: str, root: Path = REPO) -> list[str]:
     """Source files (repository-relative, sorted) a ``detflow COMMAND`` run can execute, minus :data:`EXCLUDED`."""
-    files = {module_file(m, root).relative_to(root).as_posix() for m in import_closure(entry_modules(command, root),
-                                                                                      root)}
+    at_load, called = entry_modules(command, root)
+    modules = import_closure(at_load, root, at_import=True) | import_closure(called, root)
+    files = {module_file(m, root).relative_to(root).as_posix() for m in modules}
     return sorted(files - EXCLUDED)
 
 
