@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # Ultralytics writes a settings file; keep it inside the project, not in the user's home.
 export YOLO_CONFIG_DIR := $(abspath $(VENV))/ultralytics-config
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench lint clean wheelhouse images
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ test-fast: setup
 
 lint: setup
 	ruff check pipeline flows tests bench
+
+# Container images, built offline (docker/README.md). IMAGES="serve train" adds the training image (~10 GB of disk).
+IMAGES ?= serve
+# The only step that reaches the package registries: pip wheels of each image's pinned extras, and the project wheel.
+wheelhouse:
+	$(PYTHON) docker/images.py wheelhouse $(IMAGES)
+
+# Docker when an engine answers, else buildah (daemonless, no network during the build) on a debootstrap base.
+images:
+	$(PYTHON) docker/images.py build $(IMAGES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
