@@ -4,8 +4,6 @@ VENV   := .venv
 BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
-# Ultralytics writes a settings file; keep it inside the project, not in the user's home.
-export YOLO_CONFIG_DIR := $(abspath $(VENV))/ultralytics-config
 
 .PHONY: setup run test test-fast bench lint clean wheelhouse images
 
@@ -14,8 +12,10 @@ setup: $(VENV)/.installed
 # pip (not uv/poetry): only pip picks torch 2.14.1 / torchvision 0.29.1 from the machines' local disk.
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
+	@echo "installing .[train,serve,dev] into $(VENV) (log: $(VENV)/setup.log)"
+	@$(BIN)/python -m pip install --quiet --upgrade "pip==26.3" > $(VENV)/setup.log 2>&1 \
+	  && $(BIN)/python -m pip install --quiet -e ".[train,serve,dev]" >> $(VENV)/setup.log 2>&1 \
+	  || { tail -n 40 $(VENV)/setup.log; exit 1; }
 	touch $@
 
 run: setup
