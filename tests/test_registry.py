@@ -182,3 +182,15 @@ def test_summary_markdown() -> None:
     assert "| mAP50 | 0.9100 | [0.8, 0.95] |" in md and "**PASSED**" in md
     assert "| min_map50 | 0.9100 | >= 0.5000 | PASS |" in md
     assert "| delta | 0.0010 |" in md and "yolo/yolov5n" in md
+
+
+def test_corrupt_champion_pointer_is_one_clear_error(tmp_path: Path) -> None:
+    from pipeline.errors import DetflowError
+
+    pointer = tmp_path / "champion.json"
+    pointer.write_text('{"version": "v1", "metrics": {"map50": 0.9')  # cut short by a full disk
+    with pytest.raises(DetflowError, match=r"champion pointer .* is not valid JSON"):
+        champion_metrics(pointer)
+    pointer.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DetflowError, match="is not valid JSON"):
+        champion_metrics(pointer)

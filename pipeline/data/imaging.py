@@ -1,11 +1,15 @@
 """Decode images and DICOM into 8-bit RGB arrays, the one representation training and inference see.
 
-Torch-free on purpose: the serving image imports this module too.
+:func:`decode_bytes` / :func:`decode_path` are the single entry used by the data stage, the inference engine, batch
+inference and the HTTP service: the type is sniffed from the content (never the file name), the pixel limit is
+checked from the headers before any pixel is decoded, EXIF orientation is applied, and every problem with the input
+is an :class:`ImageLoadError` with a ``kind``. Torch-free on purpose: the serving image imports this module too.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,12 @@ from PIL import Image, UnidentifiedImageError
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 EXIF_ORIENTATION = 0x0112
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Largest image (width x height, x frames for DICOM) decoded unless the caller says otherwise: the default of the
+service's ``max_pixels`` setting, of batch inference and of the data stage. Above full-field mammography (about
+4k x 5k = 20 MP); refuses decompression bombs long before memory runs out (40 MP of RGB is 120 MB)."""
+
+log = logging.getLogger(__name__)
 
 
 class ImageLoadError(Exception):
@@ -287,18 +297,76 @@ def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int
     )
 
 
-def load_any(path: Path, window: tuple[float, float] | None = None) -> LoadedImage:
-    """Load a file by its content (DICOM preamble or image magic), never by its name."""
+def sniff(data: bytes) -> str | None:
+    """The file type from its first bytes: 'jpeg', 'png', 'dicom' (Part 10 preamble) or None (anything else)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if is_dicom_bytes(data[:132]):
+        return "dicom"
+    return None
+
+
+def check_dicom_size(data: bytes, max_pixels: int) -> None:
+    """Rows x Columns x frames from the header, before any pixel decoding (compressed data can expand a lot)."""
+    import pydicom
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - any parse failure of untrusted bytes is a corrupt file
+        raise ImageLoadError("corrupt_dicom", "cannot parse the DICOM header") from None
+    if rows * cols * max(frames, 1) > max_pixels:
+        raise ImageLoadError("image_too_large", f"{cols}x{rows}x{frames} exceeds the limit of {max_pixels} pixels")
+
+
+def decode_bytes(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 window: tuple[float, float] | None = None, keep_encoded: bool = False,
+                 kind: str | None = None) -> LoadedImage:
+    """Bytes -> :class:`LoadedImage`, by content: DICOM (Part 10 preamble) or any raster Pillow reads.
+
+    ``max_pixels`` (None: no limit of ours) is checked from the headers before decoding. ``window``: the DICOM
+    window, None for the file's own. ``keep_encoded``: see :func:`load_raster`. ``kind='dicom'`` parses the bytes
+    as DICOM whatever they start with (the data stage's rule for files named .dcm). Whatever a decoder raises on
+    hostile bytes becomes an :class:`ImageLoadError`, so one bad input never stops a batch.
+    """
+    kind = kind or sniff(data)
+    try:
+        if kind == "dicom":
+            if max_pixels is not None:
+                check_dicom_size(data, max_pixels)
+            return load_dicom(data, window)
+        return load_raster(data, keep_encoded=keep_encoded, max_pixels=max_pixels)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - decoders may raise anything on hostile bytes: still the input's fault
+        log.warning("decoder raised %s on %s data", type(e).__name__, kind or "image")
+        raise ImageLoadError("corrupt_dicom" if kind == "dicom" else "corrupt_image",
+                             f"the {kind.upper() if kind else 'image'} file cannot be decoded") from None
+
+
+def decode_path(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                window: tuple[float, float] | None = None, keep_encoded: bool = False,
+                kind: str | None = None) -> LoadedImage:
+    """A file -> :class:`LoadedImage`: :func:`decode_bytes` of its content; its name plays no part."""
+    try:
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ImageLoadError("missing_image", "file does not exist") from None
     except OSError as e:
         raise ImageLoadError("corrupt_image", f"cannot read file: {e}") from None
-    if is_dicom_bytes(head) or path.suffix.lower() in DICOM_SUFFIXES:
-        return load_dicom(path, window)
-    return load_raster(path)
+    return decode_bytes(data, max_pixels=max_pixels, window=window, keep_encoded=keep_encoded, kind=kind)
+
+
+def load_any(path: Path, window: tuple[float, float] | None = None) -> LoadedImage:
+    """The data stage's decode: :func:`decode_path` keeping JPEG/PNG bytes as they are, plus one dataset rule:
+    a file named .dcm/.dicom/.ima must be DICOM (a JPEG there is a mislabelled file, quarantined as corrupt_dicom)."""
+    kind = "dicom" if Path(path).suffix.lower() in DICOM_SUFFIXES else None
+    return decode_path(path, window=window, keep_encoded=True, kind=kind)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

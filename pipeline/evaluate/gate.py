@@ -15,33 +15,30 @@ class GateFailed(DetflowError):
 
 
 def champion_metrics(pointer: Path) -> dict[str, Any] | None:
-    """Metrics of the current champion, if one has been promoted (``champion.json`` written by the registry)."""
+    """Metrics of the current champion, None if nothing has been promoted. The registry copies them into
+    ``champion.json`` at every promotion (:func:`pipeline.registry.promote`), so the pointer alone answers."""
     if not pointer.is_file():
         return None
-    doc = json.loads(pointer.read_text())
-    if "metrics" in doc and isinstance(doc["metrics"], dict):
-        return doc["metrics"]
-    for key in ("metrics_path", "dir"):
-        if key in doc:
-            path = Path(doc[key])
-            path = path / "metrics.json" if path.is_dir() else path
-            if not path.is_absolute():
-                path = pointer.parent / path if (pointer.parent / path).exists() else path
-            if path.is_file():
-                return json.loads(path.read_text())
-    return None
+    try:
+        doc = json.loads(pointer.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DetflowError(f"champion pointer {pointer} is not valid JSON ({e}); restore it with `detflow registry "
+                           "promote VERSION` or set gate.max_regression: null") from None
+    metrics = doc.get("metrics") if isinstance(doc, dict) else None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def evaluate_gate(metrics: dict[str, Any], gate: GateParams, champion: dict[str, Any] | None) -> dict[str, Any]:
     """``{passed, checks: [{name, value, threshold, passed}]}``; a check passes at equality."""
-    sens_1fp = dict(zip(metrics["froc"]["fp_per_image"], metrics["froc"]["sensitivity"], strict=True)).get(1.0)
+    froc = metrics["froc"]
+    sens_1fp = froc["sensitivity"][froc["fp_per_image"].index(1.0)]  # 1.0 is one of FROC_FP_RATES
     checks = [
         {"name": "min_map50", "value": metrics["map50"], "threshold": gate.min_map50},
         {"name": "min_sensitivity_at_1fp", "value": sens_1fp, "threshold": gate.min_sensitivity_at_1fp},
-        {"name": "min_cpm", "value": metrics["froc"]["cpm"], "threshold": gate.min_cpm},
+        {"name": "min_cpm", "value": froc["cpm"], "threshold": gate.min_cpm},
     ]
     for c in checks:
-        c["passed"] = c["value"] is not None and c["value"] >= c["threshold"]
+        c["passed"] = c["value"] >= c["threshold"]
     if gate.max_regression is not None and champion and "map50" in champion:
         drop = float(champion["map50"]) - float(metrics["map50"])
         checks.append({"name": "max_regression", "value": round(drop, 6), "threshold": gate.max_regression,
@@ -54,6 +51,6 @@ def gate_table(result: dict[str, Any], only_failed: bool = False) -> str:
     lines = [f"  {'check':<24} {'value':>8} {'threshold':>10}  result"]
     for c in rows:
         op = "<=" if c["name"] == "max_regression" else ">="
-        value = "n/a" if c["value"] is None else f"{c['value']:.4f}"
-        lines.append(f"  {c['name']:<24} {value:>8} {op} {c['threshold']:<7.4f}  {'PASS' if c['passed'] else 'FAIL'}")
+        lines.append(f"  {c['name']:<24} {c['value']:>8.4f} {op} {c['threshold']:<7.4f}  "
+                     f"{'PASS' if c['passed'] else 'FAIL'}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.validate import pairwise_iou
+from pipeline.matching import greedy_match
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -75,29 +75,24 @@ def coco_metrics(gt: dict, results: list[dict], class_names: Sequence[str]) -> d
             "_precision": precision}
 
 
-# --------------------------------------------------------------------------------------------- matching
+# --------------------------------------------------------------------------------------------- FROC
 
 
-def _greedy_match(gt_boxes: np.ndarray, gt_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-                  labels: np.ndarray, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per detection (score order): matched GT index or -1, and whether the det only re-hit a taken lesion."""
-    order = np.argsort(-scores, kind="stable")
-    match = np.full(len(scores), -1, dtype=np.int64)
-    rehit = np.zeros(len(scores), dtype=bool)
-    if len(gt_boxes) == 0 or len(boxes) == 0:
-        return match, rehit
-    iou = pairwise_iou(boxes, gt_boxes)
-    iou[labels[:, None] != gt_labels[None, :]] = -1.0
-    taken = np.zeros(len(gt_boxes), dtype=bool)
-    for d in order:
-        free = np.where(taken, -1.0, iou[d])
-        j = int(free.argmax())
-        if free[j] >= iou_thr:
-            match[d] = j
-            taken[j] = True
-        elif iou[d].max() >= iou_thr:
-            rehit[d] = True
-    return match, rehit
+def _froc_hits(im: ImageDets, iou_thr: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """One image's FROC inputs: the scores and hit flags of the detections that count, and its lesion count.
+
+    A detection hits a lesion of its class; LUNA16 convention: further hits on an already-found lesion are
+    neither TP nor FP, so they are left out.
+    """
+    m = greedy_match(im.boxes, im.scores, im.gt_boxes, iou_thr=iou_thr, labels=im.labels, target_labels=im.gt_labels)
+    keep = ~m.rehit
+    return im.scores[keep], m.matched[keep], len(im.gt_boxes)
+
+
+def _pooled(parts: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per-image FROC inputs pooled: (scores, hits, lesions, images)."""
+    return (np.concatenate([p[0] for p in parts] or [np.zeros(0)]),
+            np.concatenate([p[1] for p in parts] or [np.zeros(0, bool)]), sum(p[2] for p in parts), len(parts))
 
 
 @dataclass
@@ -108,19 +103,6 @@ class FrocCurve:
     cpm: float
 
 
-def _froc_arrays(images: Sequence[ImageDets], iou_thr: float) -> tuple[np.ndarray, np.ndarray, int, int]:
-    scores, hits = [], []
-    n_lesions = 0
-    for im in images:
-        match, rehit = _greedy_match(im.gt_boxes, im.gt_labels, im.boxes, im.scores, im.labels, iou_thr)
-        keep = ~rehit  # LUNA16 convention: further hits on an already-found lesion are neither TP nor FP
-        scores.append(im.scores[keep])
-        hits.append(match[keep] >= 0)
-        n_lesions += len(im.gt_boxes)
-    return (np.concatenate(scores) if scores else np.zeros(0), np.concatenate(hits) if hits else np.zeros(0, bool),
-            n_lesions, len(images))
-
-
 def froc(images: Sequence[ImageDets], iou_thr: float = 0.1,
          fp_rates: Sequence[float] = FROC_FP_RATES) -> FrocCurve:
     """Sensitivity vs false positives per image, and sensitivity at each ``fp_rates`` point (CPM = mean).
@@ -129,8 +111,7 @@ def froc(images: Sequence[ImageDets], iou_thr: float = 0.1,
     Every image counts in the FP rate, including images without lesions. The sensitivity at rate f is the
     highest reached while FPs per image stay <= f (thresholds swept over all detection scores).
     """
-    scores, hits, n_lesions, n_images = _froc_arrays(images, iou_thr)
-    return _froc_from_arrays(scores, hits, n_lesions, n_images, fp_rates)
+    return _froc_from_arrays(*_pooled([_froc_hits(im, iou_thr) for im in images]), fp_rates)
 
 
 def _froc_from_arrays(scores: np.ndarray, hits: np.ndarray, n_lesions: int, n_images: int,
@@ -186,16 +167,7 @@ def _coco_style_matches(im: ImageDets, n_classes: int, max_dets: int = 100) -> _
         s, b = im.scores[sel], im.boxes[sel]
         order = np.argsort(-s, kind="mergesort")[:max_dets]
         s, b = s[order], b[order]
-        tp = np.zeros(len(s), dtype=bool)
-        if len(g) and len(s):
-            iou = pairwise_iou(b, g)
-            taken = np.zeros(len(g), dtype=bool)
-            for d in range(len(s)):
-                cand = np.where(taken, -1.0, iou[d])
-                j = int(cand.argmax())
-                if cand[j] >= 0.5:
-                    taken[j] = True
-                    tp[d] = True
+        tp = greedy_match(b, s, g, iou_thr=0.5).matched  # already one class; s is sorted, the order stays
         scores[c], tps[c], n_gt[c] = s, tp, len(g)
     return _ImageAP(scores, tps, n_gt)
 
@@ -222,19 +194,13 @@ def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n
     patients = sorted({im.patient for im in images})
     by_patient = {p: [i for i, im in enumerate(images) if im.patient == p] for p in patients}
     ap_matches = [_coco_style_matches(im, n_classes) for im in images]
-    froc_parts = []
-    for im in images:
-        match, rehit = _greedy_match(im.gt_boxes, im.gt_labels, im.boxes, im.scores, im.labels, froc_iou)
-        froc_parts.append((im.scores[~rehit], match[~rehit] >= 0, len(im.gt_boxes)))
+    froc_parts = [_froc_hits(im, froc_iou) for im in images]
     maps, cpms = [], []
     for _ in range(n_resamples):
         chosen = rng.integers(0, len(patients), len(patients))
         idx = [i for k in chosen for i in by_patient[patients[k]]]
         maps.append(map50_from_matches([ap_matches[i] for i in idx], n_classes))
-        s = np.concatenate([froc_parts[i][0] for i in idx])
-        h = np.concatenate([froc_parts[i][1] for i in idx])
-        n_les = sum(froc_parts[i][2] for i in idx)
-        cpms.append(_froc_from_arrays(s, h, n_les, len(idx), fp_rates).cpm)
+        cpms.append(_froc_from_arrays(*_pooled([froc_parts[i] for i in idx]), fp_rates).cpm)
 
     def interval(v: list[float]) -> list[float]:
         a = np.asarray(v, dtype=np.float64)
@@ -258,14 +224,13 @@ def operating_point(images: Sequence[ImageDets], n_classes: int, conf: float, io
     for im in images:
         keep = im.scores >= conf
         b, s, lab = im.boxes[keep], im.scores[keep], im.labels[keep]
-        match, _ = _greedy_match(im.gt_boxes, im.gt_labels, b, s, lab, iou_thr)
-        n_tp = int((match >= 0).sum())
+        n_tp = int(greedy_match(b, s, im.gt_boxes, iou_thr=iou_thr, labels=lab, target_labels=im.gt_labels)
+                   .matched.sum())
         tp += n_tp
         fp += len(s) - n_tp
         fn += len(im.gt_boxes) - n_tp
         # confusion: class-agnostic matching, so a right box with the wrong class shows up off-diagonal
-        agn, _ = _greedy_match(im.gt_boxes, np.zeros(len(im.gt_boxes), np.int64), b, s,
-                               np.zeros(len(s), np.int64), iou_thr)
+        agn = greedy_match(b, s, im.gt_boxes, iou_thr=iou_thr).target
         hit_gt = set()
         for d, g in enumerate(agn):
             if g >= 0:

@@ -83,18 +83,20 @@ def collect_sources(source: Path) -> list[Source]:
 
 def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path, batch: int = 8,
               render: bool = False, progress: bool = True, predictions_name: str = "predictions.json",
-              workers: int = 1) -> BatchSummary:
+              workers: int = 1, max_pixels: int | None = None) -> BatchSummary:
     """Stream inputs through the engine, ``batch`` images per model call and ``workers`` calls at once (see
     :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders.
 
-    ``source``: a path (see :func:`iter_sources`) or the list :func:`collect_sources` made of one.
+    ``source``: a path (see :func:`iter_sources`) or the list :func:`collect_sources` made of one. Files are decoded
+    by content with the service's rules (:meth:`OnnxDetector.decode`); one over ``max_pixels`` (None: the default
+    limit, :data:`pipeline.data.imaging.DEFAULT_MAX_PIXELS`) is reported as ``image_too_large`` and skipped.
     """
     summary = BatchSummary(providers=detector.providers)
     items = source if isinstance(source, list) else collect_sources(source)
     results: list[dict] = []
     with tqdm(total=len(items), desc="inference", unit="img", disable=not progress) as bar:
         stream = detector.predict_stream(items, batch=batch, workers=workers,
-                                         decode=lambda item: detector.decode(item[2], name=item[0]).rgb)
+                                         decode=lambda item: detector.decode(item[2], item[0], max_pixels).rgb)
         for r in stream:
             name, image_id, _ = r.source
             bar.update(1)

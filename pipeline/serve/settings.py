@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from pipeline.data.imaging import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError
 
 ENV_PREFIX = "DETFLOW_SERVE_"
@@ -40,7 +41,8 @@ class ServeSettings(BaseModel):
     # input limits
     max_upload_bytes: int = Field(20 * MB, gt=0, description="largest accepted file (and /v1/detect request body)")
     max_batch_bytes: int = Field(64 * MB, gt=0, description="largest /v1/detect/batch request body")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height), checked from headers")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0,
+                            description="largest image (width x height), checked from headers")
     max_batch_files: int = Field(16, ge=1, description="most files in one /v1/detect/batch request")
 
     # concurrency
