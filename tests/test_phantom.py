@@ -133,7 +133,7 @@ def _window(box: tuple[float, float, float, float], pad: int, h: int, w: int) ->
     return ys, slice(max(int(x0) - pad, 0), min(int(np.ceil(x1)) + pad, w))
 
 
-def _check_nodules(out: Path, rows: list[dict[str, str]]) -> None:
+def _check_nodules(out: Path, rows: list[dict[str, str]], zoom: float = 1.0) -> None:
     by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         by_file[r["file"]].append(r)
@@ -145,7 +145,7 @@ def _check_nodules(out: Path, rows: list[dict[str, str]]) -> None:
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
             side_x, side_y = x1 - x0, y1 - y0
             assert side_x == pytest.approx(side_y, abs=0.11), "a disc gives a square box"
-            assert 6 - 0.11 <= side_x <= 30 + 0.11, "radius outside 3..15 px"
+            assert (6 - 0.11) * zoom <= side_x <= (30 + 0.11) * zoom, "radius outside 3..15 px (reference frame)"
             cx, cy, q = (x0 + x1) / 2, (y0 + y1) / 2, side_x / 4
             core = hu[int(round(cy - q)) : int(round(cy + q)), int(round(cx - q)) : int(round(cx + q))]
             assert core.size > 0
@@ -286,3 +286,120 @@ def test_ground_glass_nodules_and_unlabelled_vessels(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     generate_phantom(PhantomParams(patients=6, slices=4, vessels=0), plain, progress=False)
     assert specks(plain) == 0
+
+
+# --- sites: the scanner's parameters -------------------------------------------------------------------------------
+
+# sha256_tree of folders written by the generator before the site parameters existed (commit 8f7cac2 of
+# pipeline/data/phantom.py, run with `git show HEAD:pipeline/data/phantom.py` in a temporary module): site A must
+# stay byte-identical, so DVC caches, the registry's data hashes and every committed dvc.lock stay valid.
+PRE_SITE_TREES = {
+    "small": ("ab539ffbaac33411f790b7a00edde41a9d03c0d15ecad5356028d6cd3137e53b", SMALL),
+    "tiny96": ("94d492aa929cb68ce79837d36ea844ec53f0d1e41898a95f45a47e5c32deb4af",
+               PhantomParams(patients=2, slices=3, size=96, min_radius=2, max_radius=6, seed=3)),
+}
+SITE_B = {"pixel_spacing": 0.5, "noise_hu": 25.0, "sharpness": 1.0, "hu_offset": 30.0}
+
+
+@pytest.mark.parametrize("name", sorted(PRE_SITE_TREES))
+def test_site_a_defaults_are_byte_identical_to_the_pre_site_generator(tmp_path: Path, name: str) -> None:
+    from pipeline.fileio import sha256_tree
+
+    digest, params = PRE_SITE_TREES[name]
+    assert params.pixel_spacing == 0.7 and params.noise_hu == 10.0 and params.sharpness == 0 and params.hu_offset == 0
+    assert sha256_tree(generate_phantom(params, tmp_path / "p", progress=False).out_dir) == digest
+
+
+def _boxes_mm(root: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """Per file: (centre x, centre y, side) of every box in mm, about the image centre, using the file's tags."""
+    out: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for r in _rows(root):
+        ds = pydicom.dcmread(root / r["file"], stop_before_pixels=True)
+        sp, half = float(ds.PixelSpacing[0]), ds.Columns / 2
+        x0, y0, x1, y1 = (float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        out[r["file"]].append((((x0 + x1) / 2 - half) * sp, ((y0 + y1) / 2 - half) * sp, (x1 - x0) * sp))
+    return out
+
+
+@pytest.fixture(scope="module")
+def site_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("sites")
+    a = generate_phantom(SMALL, base / "a", progress=False).out_dir
+    b = generate_phantom(SMALL.model_copy(update=SITE_B), base / "b", progress=False).out_dir
+    return a, b
+
+
+def test_site_b_nodules_have_the_same_physical_size_and_place(site_pair: tuple[Path, Path]) -> None:
+    a, b = site_pair
+    mm_a, mm_b = _boxes_mm(a), _boxes_mm(b)
+    assert mm_a.keys() == mm_b.keys() and sum(map(len, mm_a.values())) > 5
+    for rel in mm_a:
+        assert len(mm_a[rel]) == len(mm_b[rel])
+        for (xa, ya, sa), (xb, yb, sb) in zip(mm_a[rel], mm_b[rel], strict=True):
+            # one rounding to 0.1 px per frame: at most 0.05 px x spacing per edge
+            assert sb == pytest.approx(sa, abs=0.1 * 0.7 + 0.1 * 0.5)
+            assert (xb, yb) == pytest.approx((xa, ya), abs=0.05 * 0.7 + 0.05 * 0.5)
+    # in pixels the nodules are 0.7 / 0.5 = 1.4 times larger at site B
+    side_px = lambda root: [float(r["x_max"]) - float(r["x_min"]) for r in _rows(root)]  # noqa: E731
+    ratio = np.array(side_px(b)) / np.array(side_px(a))
+    assert np.allclose(ratio, 1.4, atol=0.05)
+
+
+def test_site_b_boxes_are_exact_on_the_pixels(tmp_path: Path) -> None:
+    """The geometry alone (the intensity changes of site B are checked below): every box frames its nodule."""
+    b = generate_phantom(SMALL.model_copy(update={"pixel_spacing": 0.5}), tmp_path / "b", progress=False).out_dir
+    rows = _rows(b)
+    _check_nodules(b, rows, zoom=1.4)
+    for r in rows:
+        assert re.fullmatch(r"\d+\.\d", r["x_min"]), "boxes stay exact at one decimal"
+
+
+def test_site_b_tags_and_intensities(site_pair: tuple[Path, Path]) -> None:
+    a, b = site_pair
+    f = "dicom/PHANTOM-0001/000.dcm"
+    ds_a, hu_a = _hu(a / f)
+    ds_b, hu_b = _hu(b / f)
+    assert [float(v) for v in ds_b.PixelSpacing] == [0.5, 0.5]
+    assert [float(v) for v in ds_b.ImagePositionPatient[:2]] == [pytest.approx(-0.5 * 255 / 2, abs=1e-3)] * 2
+    assert (ds_b.Rows, ds_b.Columns) == (256, 256)
+    assert ds_a.SOPInstanceUID != ds_b.SOPInstanceUID and ds_a.StudyInstanceUID != ds_b.StudyInstanceUID
+    corner_a, corner_b = hu_a[:12, :12], hu_b[:12, :12]
+    # calibration offset: air reads -1000 + 30 HU; noise: 25 HU sharpened by the unsharp mask (more than 25)
+    assert corner_a.mean() == pytest.approx(-1000, abs=5) and corner_b.mean() == pytest.approx(-970, abs=8)
+    assert corner_a.std() == pytest.approx(10, rel=0.2) and corner_b.std() > 30
+    # same body in mm: the field of view is 128 mm instead of 179 mm, so the lung field is 1.4x wider in pixels
+    lung_a = ((hu_a < -600) & (hu_a > -950))[128].sum()
+    lung_b = ((hu_b < -600 + 30) & (hu_b > -950 + 30))[128].sum()
+    assert lung_b / lung_a == pytest.approx(1.4, rel=0.12)
+
+
+def test_reconstruction_kernel_and_noise_parameters(tmp_path: Path) -> None:
+    from pipeline.data.phantom import reconstruction_kernel
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 10, size=(64, 64))
+    assert reconstruction_kernel(noise, 0.0) is noise
+    assert reconstruction_kernel(noise, 1.5).std() > 1.5 * noise.std()
+    assert reconstruction_kernel(noise, -1.0).std() < 0.5 * noise.std()
+    flat = np.full((16, 16), -1000.0)
+    assert np.allclose(reconstruction_kernel(flat, 2.0), flat) and np.allclose(reconstruction_kernel(flat, -2.0), flat)
+    quiet = generate_phantom(PhantomParams(patients=1, slices=1, size=96, min_radius=2, max_radius=6, noise_hu=0.0),
+                             tmp_path / "q", progress=False).out_dir
+    _, hu = _hu(next(quiet.glob("dicom/*/*.dcm")))
+    assert hu[:12, :12].std() == 0.0 and hu[:12, :12].mean() == -1000.0
+
+
+def test_wide_field_of_view_and_cut_nodules(tmp_path: Path) -> None:
+    """A coarse spacing shows the whole patient smaller; a very fine one cuts the body, and nodules left outside
+    the field are neither drawn nor labelled."""
+    coarse = generate_phantom(SMALL.model_copy(update={"pixel_spacing": 1.0}), tmp_path / "c", progress=False)
+    fine = generate_phantom(SMALL.model_copy(update={"pixel_spacing": 0.25}), tmp_path / "f", progress=False)
+    assert coarse.n_boxes == len(_rows(tmp_path / "c")) > 0
+    for root, summary in ((tmp_path / "c", coarse), (tmp_path / "f", fine)):
+        for r in _rows(root):
+            x0, y0, x1, y1 = (float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+            assert 0 <= x0 and x1 <= 256 and 0 <= y0 and y1 <= 256 and min(x1 - x0, y1 - y0) >= 2
+        assert summary.n_boxes == len(_rows(root))
+    assert fine.n_boxes < coarse.n_boxes, "at 0.25 mm (64 mm field) some nodules fall outside the image"
+    _, hu = _hu(tmp_path / "f" / "dicom/PHANTOM-0001/000.dcm")
+    assert hu[:12, :12].mean() > -900, "the 64 mm field is inside the body: no air in the corner"

@@ -5,6 +5,15 @@ in seconds, on data whose ground truth is known exactly. Same params and seed gi
 all randomness comes from ``numpy.random.default_rng(seed)``, all UIDs are hashes of the params, and no
 clock is read anywhere.
 
+Sites. ``PhantomParams`` also describes the scanner: ``pixel_spacing`` (mm per pixel, so the field of view is
+``size * pixel_spacing``), ``noise_hu``, ``sharpness`` (reconstruction kernel) and ``hu_offset`` (HU calibration
+error). The patients are physical: their anatomy and nodules are drawn in a *reference frame*, the image of ``size``
+pixels at :data:`PIXEL_SPACING_MM` (0.7 mm), and imaged at ``pixel_spacing`` about the same centre. So one seed gives
+the same patients with nodules of the same size in mm at every spacing, a finer spacing shows them larger in pixels
+(and a smaller field of view, possibly cutting the body at the sides), and ``min_radius`` / ``max_radius`` are pixels
+of the reference frame. The defaults are site A and write exactly the files of the generator before sites existed
+(the site fields at their defaults are left out of the UID fingerprint); any other value gives new UIDs.
+
 Layout under ``out_dir``::
 
     dicom/PHANTOM-0001/000.dcm ...   one CT slice per file, one series per patient
@@ -35,7 +44,6 @@ HU_LUNG = -850.0
 HU_FAT = -100.0
 HU_SOFT = 40.0
 HU_BONE = 700.0
-NOISE_SIGMA_HU = 10.0
 NODULE_HU_RANGE = (-100.0, 100.0)  # solid nodules
 GROUND_GLASS_HU_RANGE = (-650.0, -450.0)  # faint part-solid / ground-glass nodules
 VESSEL_HU_RANGE = (-100.0, 60.0)  # vessel cross-sections and short segments: unlabelled look-alikes
@@ -43,7 +51,7 @@ VESSEL_RADIUS_RANGE = (0.8, 2.4)
 VESSEL_MAX_LENGTH_PX = 14.0
 
 RESCALE_INTERCEPT = -1024
-PIXEL_SPACING_MM = 0.7
+PIXEL_SPACING_MM = 0.7  # the reference frame's spacing (site A); anatomy and nodule radii are defined at it
 SLICE_THICKNESS_MM = 5.0
 FIXED_DATE = "20000101"  # fixed on purpose: a clock value would break byte-identical reruns
 FIXED_TIME = "000000"
@@ -63,6 +71,9 @@ MIN_SLICE_SCALE = 0.85  # lungs at apex/base relative to mid-chest
 LUNG_FILL_LIMIT = 0.93  # a nodule's rim must stay inside this normalised lung radius
 NODULE_GAP_PX = 4.0  # minimum edge-to-edge distance between nodules on one slice
 PLACEMENT_TRIES = 200
+MIN_LABELLED_SIDE_PX = 2.0  # a nodule cut by the field of view is labelled only if its visible box is this large
+SITE_FIELDS = ("pixel_spacing", "noise_hu", "sharpness", "hu_offset")
+UNSHARP_SIGMA_PX = 1.0  # blur inside the unsharp mask of a sharp reconstruction kernel
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,23 @@ class PhantomSummary:
 
 
 @dataclass(frozen=True)
+class _Geometry:
+    """Reference frame (``size`` px at 0.7 mm) -> image pixels at ``pixel_spacing``, about the image centre."""
+
+    size: int
+    zoom: float  # image pixels per reference pixel = PIXEL_SPACING_MM / pixel_spacing
+
+    def point(self, u: float) -> float:
+        if self.zoom == 1.0:  # exactly the identity: site A must reproduce the pre-site files bit for bit
+            return u
+        c = self.size / 2.0
+        return c + (u - c) * self.zoom
+
+    def length(self, v: float) -> float:
+        return v * self.zoom
+
+
+@dataclass(frozen=True)
 class _Lung:
     """One lung field: an ellipse whose radius is modulated by a few low-frequency harmonics."""
 
@@ -88,6 +116,10 @@ class _Lung:
 
     def scaled(self, s: float) -> _Lung:
         return _Lung(self.cx, self.cy, self.ax * s, self.ay * s, self.harmonics)
+
+    def imaged(self, geo: _Geometry) -> _Lung:
+        """The same lung in image pixels (its normalised radius is unchanged by the mapping)."""
+        return _Lung(geo.point(self.cx), geo.point(self.cy), geo.length(self.ax), geo.length(self.ay), self.harmonics)
 
     def rho(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Normalised radius: < 1 inside the lung, 1 on its boundary."""
@@ -118,6 +150,11 @@ class _Anatomy:
     hu_lung: float
     hu_soft: float
     hu_bone: float
+
+    def imaged(self, geo: _Geometry) -> _Anatomy:
+        return _Anatomy(geo.point(self.cx), geo.point(self.cy), geo.length(self.ax), geo.length(self.ay),
+                        (self.lungs[0].imaged(geo), self.lungs[1].imaged(geo)), self.hu_lung, self.hu_soft,
+                        self.hu_bone)
 
 
 def _uid(fingerprint: str, *parts: object) -> str:
@@ -187,9 +224,10 @@ def _smallest_fit_radius(size: int) -> float:
     return smallest.max_fit_radius()
 
 
-def _render_body(anat: _Anatomy, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _render_body(anat: _Anatomy, xx: np.ndarray, yy: np.ndarray, zoom: float = 1.0) -> np.ndarray:
     """Noise-free HU image of air, body, subcutaneous fat, rib ring and spine (no lungs yet).
 
+    ``anat`` is in image pixels; ``zoom`` (image px per reference px) scales the spine, defined in reference px.
     It does not depend on the slice, so it is rendered once per patient.
     """
     rho = np.hypot((xx - anat.cx) / anat.ax, (yy - anat.cy) / anat.ay)
@@ -200,7 +238,7 @@ def _render_body(anat: _Anatomy, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     img = img + body * fat * (HU_FAT - anat.hu_soft)
     ring = np.clip(0.5 + (rho - BONE_RING[0]) * px, 0, 1) * np.clip(0.5 + (BONE_RING[1] - rho) * px, 0, 1)
     img = img + ring * (anat.hu_bone - img)
-    size = xx.shape[1]
+    size = xx.shape[1] * zoom
     spine_r = np.hypot(xx - anat.cx, yy - (anat.cy + SPINE_CENTRE_Y * size)) / (SPINE_RADIUS * size)
     spine = _soft_inside(spine_r, SPINE_RADIUS * size)
     return img + spine * (anat.hu_bone - img)
@@ -271,15 +309,19 @@ def _draw_nodule(img: np.ndarray, cx: float, cy: float, r: float, hu: float) -> 
     img[y0:y1, x0:x1] = patch + weight * (value - patch)
 
 
-def _draw_vessels(img: np.ndarray, rng: np.random.Generator, lungs: tuple[_Lung, _Lung], count: int) -> None:
+def _draw_vessels(img: np.ndarray, rng: np.random.Generator, lungs: tuple[_Lung, _Lung], count: int,
+                  geo: _Geometry | None = None) -> None:
     """Unlabelled bright capsules inside the lungs: vessels seen end-on (dots) or obliquely (short segments).
 
     They are what makes nodule detection hard in real CT: small vessels look like small nodules, so a detector
-    must learn shape and size cues, and FROC has false positives to count.
+    must learn shape and size cues, and FROC has false positives to count. ``lungs`` are in the reference frame
+    (the random draws do not depend on the spacing); ``geo`` maps them into the image.
     """
     size = img.shape[0]
+    geo = geo or _Geometry(size, 1.0)
     for _ in range(count):
-        lung = lungs[int(rng.integers(2))]
+        k = int(rng.integers(2))
+        lung = lungs[k]
         x0 = float(lung.cx + rng.uniform(-1, 1) * lung.ax)
         y0 = float(lung.cy + rng.uniform(-1, 1) * lung.ay)
         angle, length = rng.uniform(0, math.pi), rng.uniform(0.0, VESSEL_MAX_LENGTH_PX)
@@ -287,6 +329,9 @@ def _draw_vessels(img: np.ndarray, rng: np.random.Generator, lungs: tuple[_Lung,
         if lung.rho(np.array(x0), np.array(y0)) > 0.85:
             continue
         x1, y1 = x0 + length * math.cos(angle), y0 + length * math.sin(angle)
+        x0, y0, x1, y1 = geo.point(x0), geo.point(y0), geo.point(x1), geo.point(y1)
+        r = geo.length(r)
+        lung = lung.imaged(geo)
         lo_x, hi_x = max(int(min(x0, x1) - r - 2), 0), min(int(max(x0, x1) + r + 3), size)
         lo_y, hi_y = max(int(min(y0, y1) - r - 2), 0), min(int(max(y0, y1) + r + 3), size)
         if lo_x >= hi_x or lo_y >= hi_y:
@@ -310,6 +355,7 @@ def _slice_dataset(
     frame_uid: str,
     sop_uid: str,
     slice_index: int,
+    pixel_spacing: float = PIXEL_SPACING_MM,
 ) -> Dataset:
     """A CT Image Storage dataset for one slice (explicit VR little endian, int16 stored values)."""
     size = pixels.shape[0]
@@ -347,7 +393,7 @@ def _slice_dataset(
     ds.SeriesNumber = 1
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = slice_index + 1
-    origin = -PIXEL_SPACING_MM * (size - 1) / 2.0
+    origin = -pixel_spacing * (size - 1) / 2.0
     z = slice_index * SLICE_THICKNESS_MM
     ds.ImagePositionPatient = [round(origin, 4), round(origin, 4), z]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -358,7 +404,7 @@ def _slice_dataset(
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = size
     ds.Columns = size
-    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
@@ -373,11 +419,62 @@ def _slice_dataset(
     return ds
 
 
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (edge-replicated borders), numpy only: scipy is not a dependency."""
+    radius = max(int(math.ceil(3.0 * sigma)), 1)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    out = img
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for k, w in enumerate(taps):
+            acc += w * (padded[k:k + n] if axis == 0 else padded[:, k:k + n])
+        out = acc
+    return out
+
+
+def reconstruction_kernel(img: np.ndarray, sharpness: float) -> np.ndarray:
+    """A scanner's reconstruction kernel, applied after the noise as in real CT (a sharp kernel sharpens the noise
+    too): ``sharpness > 0`` is an unsharp mask of that amount (sigma 1 px), ``< 0`` a Gaussian blur of sigma
+    ``-sharpness`` px, 0 leaves the image as it is."""
+    if sharpness > 0:
+        return img + sharpness * (img - _gaussian_blur(img, UNSHARP_SIGMA_PX))
+    if sharpness < 0:
+        return _gaussian_blur(img, -sharpness)
+    return img
+
+
+def _fingerprint(params: PhantomParams) -> str:
+    """What the UIDs hash: the params, without site fields left at their defaults (so site A's UIDs are those of
+    the generator before sites existed, and any other scanner gets new ones)."""
+    defaults = type(params)()
+    same = {k for k in SITE_FIELDS if getattr(params, k) == getattr(defaults, k)}
+    return params.model_dump_json(exclude=same)
+
+
+def _imaged_nodules(nodules: list[tuple[float, float, float, float]], geo: _Geometry
+                    ) -> list[tuple[float, float, float, float]]:
+    """Reference-frame nodules in image pixels, rounded to 0.1 px (the boxes are written with one decimal), and
+    only those whose visible box is at least :data:`MIN_LABELLED_SIDE_PX` on each side."""
+    out = []
+    for cx, cy, r, hu in nodules:
+        cx_i, cy_i, r_i = round(geo.point(cx), 1), round(geo.point(cy), 1), round(geo.length(r), 1)
+        lo_x, hi_x = max(cx_i - r_i, 0.0), min(cx_i + r_i, float(geo.size))
+        lo_y, hi_y = max(cy_i - r_i, 0.0), min(cy_i + r_i, float(geo.size))
+        if r_i > 0 and min(hi_x - lo_x, hi_y - lo_y) >= MIN_LABELLED_SIDE_PX:
+            out.append((cx_i, cy_i, r_i, hu))
+    return out
+
+
 def generate_phantom(params: PhantomParams, out_dir: Path, progress: bool = True) -> PhantomSummary:
     """Write the phantom dataset to ``out_dir``, replacing whatever was there in one atomic step.
 
     Args:
-        params: Phantom size, counts, nodule radii and seed; the seed fixes every pixel and UID.
+        params: Phantom size, counts, nodule radii, seed and scanner; the seed fixes every pixel and UID.
         out_dir: Destination folder; it holds the old tree or the complete new one, never a mix.
         progress: Show a tqdm bar over slices (turn off in tests and non-interactive runs).
 
@@ -396,7 +493,8 @@ def generate_phantom(params: PhantomParams, out_dir: Path, progress: bool = True
             f"(largest radius that always fits: {fit:.1f} px); lower phantom.min_radius or raise phantom.size"
         )
     n_total = n_pat * n_sl
-    fingerprint = params.model_dump_json()
+    fingerprint = _fingerprint(params)
+    geo = _Geometry(size, PIXEL_SPACING_MM / params.pixel_spacing)
     rng = np.random.default_rng(params.seed)
 
     # Which slices are empty: an exact quota so at least ``empty_fraction`` of them carry no nodule.
@@ -416,30 +514,35 @@ def generate_phantom(params: PhantomParams, out_dir: Path, progress: bool = True
     ) as bar:
         for p in range(n_pat):
             prng = patient_rngs[p]
-            anat = _make_anatomy(prng, size)
+            anat = _make_anatomy(prng, size)  # reference frame
+            anat_img = anat.imaged(geo)
             patient_id = f"PHANTOM-{p + 1:04d}"
             study_uid = _uid(fingerprint, "study", p)
             series_uid = _uid(fingerprint, "series", p)
             frame_uid = _uid(fingerprint, "frame", p)
             pdir = staging / "dicom" / patient_id
             pdir.mkdir(parents=True)
-            body = _render_body(anat, xx, yy)
+            body = _render_body(anat_img, xx, yy, geo.zoom)
             for s in range(n_sl):
                 scale = _lung_scale(s, n_sl)
                 lungs = (anat.lungs[0].scaled(scale), anat.lungs[1].scaled(scale))
                 img = body.copy()
                 for lung in lungs:
-                    _draw_lung(img, lung, anat.hu_lung)
-                _draw_vessels(img, prng, lungs, int(prng.poisson(params.vessels)) if params.vessels else 0)
+                    _draw_lung(img, lung.imaged(geo), anat.hu_lung)
+                _draw_vessels(img, prng, lungs, int(prng.poisson(params.vessels)) if params.vessels else 0, geo)
                 nodules: list[tuple[float, float, float, float]] = []
                 if counts[p, s] > 0:
                     # Never below min_radius: the up-front check guarantees every lung fits it.
                     r_hi = min(float(params.max_radius), min(lg.max_fit_radius() for lg in lungs))
                     nodules = _place_nodules(prng, lungs, int(counts[p, s]), float(params.min_radius), r_hi,
                                              params.ground_glass_fraction)
+                nodules = _imaged_nodules(nodules, geo)
                 for cx, cy, r, hu in nodules:
                     _draw_nodule(img, cx, cy, r, hu)
-                img += prng.normal(0.0, NOISE_SIGMA_HU, size=img.shape)
+                img += prng.normal(0.0, params.noise_hu, size=img.shape)
+                img = reconstruction_kernel(img, params.sharpness)
+                if params.hu_offset:
+                    img += params.hu_offset
                 stored = np.clip(np.rint(img) - RESCALE_INTERCEPT, -32768, 32767).astype(np.int16)
 
                 sop_uid = _uid(fingerprint, "sop", p, s)
@@ -452,6 +555,7 @@ def generate_phantom(params: PhantomParams, out_dir: Path, progress: bool = True
                     frame_uid=frame_uid,
                     sop_uid=sop_uid,
                     slice_index=s,
+                    pixel_spacing=params.pixel_spacing,
                 )
                 rel = f"dicom/{patient_id}/{s:03d}.dcm"
                 ds.save_as(staging / rel, enforce_file_format=True)

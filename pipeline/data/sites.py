@@ -1,0 +1,233 @@
+"""Shifted copies of a prepared dataset: the same images as another site would have taken them.
+
+For tests and benchmarks of cross-site generalisation (shift detection, adaptation, robust training). Two site
+changes, each applied to every image and its boxes:
+
+- :class:`Magnification` ``factor``: the microscope (or zoom) shows objects ``factor`` times larger. Resizing a whole
+  image would change nothing a detector sees (the letterbox brings every image to one input size), so a
+  magnification change is a change of *field of view* at a fixed image size: ``factor > 1`` keeps the central
+  ``1/factor`` of the field and enlarges it to the original size; ``factor < 1`` shrinks the image by ``factor`` and
+  pads it back to the original size. Padding is a constant colour, the per-channel median of the image's outer
+  pixel ring (the slide or air background); tiling or mirroring would add copies of objects without boxes. Both are
+  one resampling (Pillow, bicubic, antialiased when shrinking) of the exact map ``x' = (x - W/2) * factor + W/2``,
+  so boxes move exactly; they are clipped to the image, and a box left with a side under :data:`MIN_SIDE_PX` (or
+  outside the field) is dropped and counted.
+- :class:`Stain`: a different stain batch and camera: the optical densities of the haematoxylin, eosin and DAB
+  stains (Ruifrok & Johnston's colour deconvolution) are scaled and shifted by amounts drawn once from the seed, so
+  the whole copy is one consistent "site"; then brightness and gamma. Boxes are unchanged.
+
+:func:`write_shifted_copy` writes a complete prepared dataset (the layout of ``detflow prepare``: images, YOLO
+labels, COCO, manifest with the new bytes' sha256, dataset.yaml, prepare_info.json with a ``shift`` block) in one
+atomic step. Images are written as PNG (lossless), whatever their format in the source.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.data.prepare import PreparedImage, _manifest, _write_dataset
+from pipeline.data.split import SPLITS
+from pipeline.errors import ConfigError, DataError
+from pipeline.fileio import atomic_directory
+
+MIN_SIDE_PX = 2.0
+
+# Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density RGB, as in skimage.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+@dataclass(frozen=True)
+class Magnification:
+    """Objects ``factor`` times larger in a field of view ``1/factor`` as wide (see the module docstring)."""
+
+    factor: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.factor) and 0.1 <= self.factor <= 10.0):
+            raise ConfigError(f"magnification factor must be in [0.1, 10], got {self.factor}")
+
+    def describe(self, seed: int) -> dict[str, Any]:
+        return {"kind": "magnification", "factor": self.factor,
+                "pad": "per-channel median of the outer pixel ring" if self.factor < 1 else None}
+
+    def apply(self, rgb: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H, W, 3) uint8 and boxes (n, 4) xyxy px -> the magnified image and the mapped (unclipped) boxes."""
+        h, w = rgb.shape[:2]
+        f = self.factor
+        im = Image.fromarray(rgb)
+        margin_x = margin_y = 0
+        if f < 1:  # pad the source so the crop box below lies inside it
+            margin_x, margin_y = math.ceil(w * (1 / f - 1) / 2) + 2, math.ceil(h * (1 / f - 1) / 2) + 2
+            fill = tuple(int(v) for v in np.median(_outer_ring(rgb), axis=0))
+            canvas = Image.new("RGB", (w + 2 * margin_x, h + 2 * margin_y), fill)
+            canvas.paste(im, (margin_x, margin_y))
+            im = canvas
+        cx, cy = margin_x + w / 2, margin_y + h / 2
+        box = (cx - w / (2 * f), cy - h / (2 * f), cx + w / (2 * f), cy + h / (2 * f))
+        out = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC, box=box))
+        mapped = boxes.astype(np.float64).copy()
+        if len(mapped):
+            mapped[:, [0, 2]] = (mapped[:, [0, 2]] - w / 2) * f + w / 2
+            mapped[:, [1, 3]] = (mapped[:, [1, 3]] - h / 2) * f + h / 2
+        return out, mapped
+
+
+@dataclass(frozen=True)
+class Stain:
+    """Stain and camera change: per-stain optical-density scale in ``[1 - strength, 1 + strength]`` and shift in
+    ``[-strength / 5, strength / 5]`` (drawn once from the seed), then ``brightness`` (multiplier) and ``gamma``."""
+
+    strength: float = 0.3
+    brightness: float = 1.0
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength < 1.0:
+            raise ConfigError(f"stain strength must be in [0, 1), got {self.strength}")
+        if not (self.brightness > 0 and self.gamma > 0):
+            raise ConfigError(f"stain brightness and gamma must be > 0, got {self.brightness}, {self.gamma}")
+
+    def draw(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        scale = rng.uniform(1 - self.strength, 1 + self.strength, size=3)
+        shift = rng.uniform(-self.strength / 5, self.strength / 5, size=3)
+        return scale, shift
+
+    def describe(self, seed: int) -> dict[str, Any]:
+        scale, shift = self.draw(seed)
+        return {"kind": "stain", **asdict(self), "hed_scale": [round(float(v), 6) for v in scale],
+                "hed_shift": [round(float(v), 6) for v in shift]}
+
+    def apply(self, rgb: np.ndarray, boxes: np.ndarray, params: tuple[np.ndarray, np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        scale, shift = params
+        od = -np.log(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)  # optical density per channel
+        hed = od.reshape(-1, 3) @ _HED_FROM_RGB
+        hed = hed * scale + shift
+        od2 = np.maximum(hed @ _RGB_FROM_HED, 0.0)
+        lin = np.exp(-od2) * self.brightness
+        out = 255.0 * np.clip(lin, 0.0, 1.0) ** (1.0 / self.gamma)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape), boxes.astype(np.float64)
+
+
+Transform = Magnification | Stain
+
+
+@dataclass(frozen=True)
+class ShiftedCopySummary:
+    out_dir: Path
+    n_images: int
+    boxes_in: int
+    boxes_out: int
+    boxes_clipped: int
+    dropped_outside: int
+    dropped_small: int
+    transform: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "out_dir": str(self.out_dir)}
+
+
+def _outer_ring(rgb: np.ndarray) -> np.ndarray:
+    return np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]]).reshape(-1, 3)
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """Clip xyxy boxes to the image; returns (kept boxes, kept mask, n clipped, n outside, n too small)."""
+    if not len(boxes):
+        return boxes.reshape(0, 4), np.zeros(0, dtype=bool), 0, 0, 0
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0.0, float(width))
+    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0.0, float(height))
+    sides = np.minimum(clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1])
+    outside = sides <= 0
+    small = ~outside & (sides < MIN_SIDE_PX)
+    keep = ~outside & ~small
+    changed = keep & np.any(np.abs(clipped - boxes) > 1e-9, axis=1)
+    return clipped[keep], keep, int(changed.sum()), int(outside.sum()), int(small.sum())
+
+
+def _read_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not rows:
+        return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+    arr = np.array([[float(v) for v in r[1:5]] for r in rows])
+    cls = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    cx, cy, bw, bh = arr[:, 0] * width, arr[:, 1] * height, arr[:, 2] * width, arr[:, 3] * height
+    return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1), cls
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def write_shifted_copy(src: str | Path, dst: str | Path, transform: Transform, seed: int = 0) -> ShiftedCopySummary:
+    """Write ``dst``: the prepared dataset ``src`` with ``transform`` applied to every image and its boxes.
+
+    Same splits, patients, image names and classes; labels, COCO and manifest rebuilt from the transformed boxes
+    by the prepare stage's own writers, so they agree with each other. Deterministic for a seed (the seed only
+    matters for :class:`Stain`). ``dst`` is replaced whole, atomically. Raises :class:`DataError` when ``src`` is not
+    a prepared dataset.
+    """
+    src, dst = Path(src), Path(dst)
+    if not (src / "manifest.csv").is_file() or not (src / "dataset.yaml").is_file():
+        raise DataError(f"{src} is not a prepared dataset (no manifest.csv / dataset.yaml); run `detflow prepare`")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise DataError(f"the shifted copy {dst} must be outside the source dataset {src}")
+    info = json.loads((src / "prepare_info.json").read_text()) if (src / "prepare_info.json").is_file() else {}
+    names = yaml.safe_load((src / "dataset.yaml").read_text()).get("names", {})
+    classes = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    stain_params = transform.draw(seed) if isinstance(transform, Stain) else None
+    with open(src / "manifest.csv", newline="") as f:
+        entries = list(csv.DictReader(f))
+    images: list[PreparedImage] = []
+    totals = {"boxes_in": 0, "boxes_out": 0, "boxes_clipped": 0, "dropped_outside": 0, "dropped_small": 0}
+    for row in entries:
+        rel = Path(row["image"])
+        split, stem = row["split"], rel.stem
+        if split not in SPLITS:
+            raise DataError(f"{src}/manifest.csv: unknown split {split!r} for {rel}")
+        try:
+            with Image.open(src / rel) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{src / rel}: cannot read the prepared image ({e})") from None
+        h, w = rgb.shape[:2]
+        boxes, cls = _read_labels(src / "labels" / split / f"{stem}.txt", w, h)
+        if isinstance(transform, Stain):
+            out, mapped = transform.apply(rgb, boxes, stain_params)
+        else:
+            out, mapped = transform.apply(rgb, boxes)
+        kept, keep, n_clipped, n_out, n_small = clip_boxes(mapped, w, h)
+        totals["boxes_in"] += len(boxes)
+        totals["boxes_out"] += len(kept)
+        totals["boxes_clipped"] += n_clipped
+        totals["dropped_outside"] += n_out
+        totals["dropped_small"] += n_small
+        images.append(PreparedImage(name=stem, split=split, patient=row["patient"], data=_png(out), suffix=".png",
+                                    width=w, height=h, boxes=kept, classes=cls[keep]))
+    described = transform.describe(seed)
+    manifest = _manifest(images)
+    digest = hashlib.sha256(manifest.encode()).hexdigest()
+    shift_block = {**described, "seed": seed, "source": str(src),
+                   "source_manifest_sha256": info.get("manifest_sha256"), **totals}
+    new_info = {**info, "manifest_sha256": digest, "shift": shift_block}
+    with atomic_directory(dst) as stage:
+        _write_dataset(stage, images, classes, new_info, manifest)
+    return ShiftedCopySummary(out_dir=dst, n_images=len(images), transform=described, **totals)
