@@ -337,6 +337,44 @@ def flow_run(
     typer.echo(f"{summary['message']}; champion {summary['champion']} ({summary['seconds']:.1f} s)")
 
 
+@app.command()
+def report(
+    reports: Annotated[Path, typer.Option(help="reports folder (metrics, gate, plots, train, external)")] = Path(
+        "reports"),
+    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    models: Annotated[Path, typer.Option(help="folder of model.onnx, model_card.json and train/")] = Path("models"),
+    out: Annotated[Path, typer.Option(help="the report (one self-contained HTML file)")] = Path(
+        "reports/report.html"),
+    model_copy: Annotated[Path | None, typer.Option(help="also write it here, e.g. models/report.html (served at "
+                                                    "GET /v1/model/report)")] = None,
+    lock: Annotated[Path, typer.Option(help="DVC lock file (output hashes)")] = Path("dvc.lock"),
+    bench: Annotated[Path, typer.Option(help="inference benchmark result, when one exists")] = Path(
+        "bench/results/inference.json"),
+    source: Annotated[Path | None, typer.Option(help="raw dataset folder, for thumbnails of quarantined and fixed "
+                                                "samples (default: data.source resolved as prepare does)")] = None,
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    phantom_dir: Annotated[Path, typer.Option(help="phantom folder")] = Path("data/raw/phantom"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Write the run report: one HTML page (verdict, data, transfer, evaluation, generalisation, deployment,
+    provenance) that opens offline. Renders after a failed gate too; missing inputs are named in the page."""
+    from pipeline.report import ReportInputs, write_report
+    from pipeline.report.collect import default_source
+
+    p = _params(params, set_)
+    _writable(out, "report", folder=False)
+    if model_copy is not None:
+        _writable(model_copy, "report copy", folder=False)
+    inputs = ReportInputs(reports=reports, data=data, models=models, lock=lock, bench=bench, params=params,
+                          overrides=tuple(set_ or ()),
+                          source=source if source is not None else default_source(p, raw_dir, phantom_dir))
+    result = write_report(inputs, p, out, [model_copy] if model_copy is not None else None)
+    verdict = "no gate result" if result.passed is None else "gate PASS" if result.passed else \
+        f"gate FAIL ({', '.join(result.failed_checks)})"
+    typer.echo(f"report: {verdict}; {result.size_bytes / 1e6:.2f} MB, {len(result.missing)} inputs missing -> {out}")
+
+
 def _fail(message: str, code: int) -> int:
     log.debug("the error's traceback", exc_info=True)  # DETFLOW_LOG=DEBUG shows it
     typer.secho(f"error: {message}", err=True, fg="red")

@@ -665,3 +665,22 @@ def test_python_m_errors_are_one_line_with_exit_codes(monkeypatch: pytest.Monkey
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: argument --port: invalid int value: 'x' (see python -m pipeline.serve " \
                                       "--help)\n"
+
+
+def test_model_report_route_serves_the_page_next_to_the_model(tmp_path: Path) -> None:
+    """GET /v1/model/report: the model folder's report.html (behind the token), else a 404 in the error shape."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve.app import create_app
+
+    app = create_app(settings(model_path=tmp_path / "model.onnx", token="tok"), detector=FakeDetector())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        auth = {"Authorization": "Bearer tok"}
+        r = c.get("/v1/model/report", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert str(tmp_path) in r.json()["error"]["message"]
+        page = "<!DOCTYPE html><html><body><div id=\"gate-verdict\">PASS</div></body></html>"
+        (tmp_path / "report.html").write_text(page, encoding="utf-8")
+        assert c.get("/v1/model/report").status_code == 401
+        r = c.get("/v1/model/report", headers=auth)
+        assert r.status_code == 200 and r.text == page and r.headers["content-type"].startswith("text/html")

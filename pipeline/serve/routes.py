@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from pipeline.serve.decoding import decode_upload
@@ -134,6 +134,15 @@ async def model_info(request: Request) -> dict[str, Any]:
                         "auth": s.token is not None}}
 
 
+async def model_report(request: Request) -> FileResponse:
+    """The run report (`detflow report`, one self-contained HTML page) kept next to the served model, if any."""
+    path = _state(request).settings.model_path.parent / "report.html"
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"no report.html next to the model in {path.parent} (write one with "
+                       "`detflow report --model-copy`)")
+    return FileResponse(path, media_type="text/html; charset=utf-8")
+
+
 async def live() -> dict[str, str]:
     """200 while the process serves requests."""
     return {"status": "alive"}
@@ -161,6 +170,11 @@ def router(settings: ServeSettings, guard: Callable[..., None]) -> APIRouter:
                     tags=["detection"], openapi_extra=multipart_doc("files", many=True), dependencies=auth)
     r.add_api_route("/v1/model", model_info, methods=["GET"], tags=["model"], dependencies=auth,
                     responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
+    r.add_api_route("/v1/model/report", model_report, methods=["GET"], tags=["model"], dependencies=auth,
+                    response_class=FileResponse, responses={200: {"content": {"text/html": {}}},
+                                                            401: ERROR_RESPONSES[401],
+                                                            404: {"model": ERROR_RESPONSES[401]["model"],
+                                                                  "description": "no report next to the model"}})
     r.add_api_route("/health/live", live, methods=["GET"], tags=["health"])
     r.add_api_route("/health/ready", ready, methods=["GET"], tags=["health"],
                     responses={503: {"description": "not loaded or not warmed up"}})
