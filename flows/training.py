@@ -68,6 +68,7 @@ from pipeline import assets, registry
 from pipeline.config import Params, load_params, parse_override
 from pipeline.errors import ConfigError, DetflowError
 from pipeline.evaluate.gate import GateFailed, gate_table
+from pipeline.families import get_family
 from pipeline.fileio import atomic_write_bytes, atomic_write_text
 
 STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer")  # dvc.yaml's DAG, in topological order
@@ -204,17 +205,16 @@ def temporary_params(repo: Path, overrides: list[str]) -> Iterator[Params]:
 def needed_assets(params: Params) -> list[tuple[str, bool]]:
     """``(asset name, required)`` for the named assets these params use; optional ones may fail without harm.
 
-    ``data.source=bccd`` needs the BCCD set; a YOLO model with ``pretrained`` coco (required) or auto (optional)
-    needs its pinned COCO checkpoint ``<model>-coco``. Unpinned checkpoints are left to the train stage, which
-    refuses them without ``--trust`` anyway.
+    ``data.source=bccd`` needs the BCCD set; a model with ``pretrained`` coco (required) or auto (optional) needs
+    its family's COCO asset when that asset's full sha256 is pinned. Other checkpoints are left to the train stage,
+    which resolves them through the same resolver (and refuses unverifiable ones without ``--trust``).
     """
     out: list[tuple[str, bool]] = []
     if params.data.source == "bccd":
         out.append(("bccd", True))
     tp = params.train
-    name = f"{tp.model}-coco"
-    if tp.family == "yolo" and tp.pretrained in ("coco", "auto") and name in assets.ASSETS \
-            and assets.ASSETS[name].pinned:
+    name = get_family(tp.family).coco_assets.get(tp.model)
+    if tp.pretrained in ("coco", "auto") and name in assets.ASSETS and assets.ASSETS[name].pinned:
         out.append((name, tp.pretrained == "coco"))
     return out
 

@@ -50,7 +50,11 @@ class Asset:
 
     ``sha256`` is the file's sha256 for ``kind='file'`` and the tree hash (:func:`pipeline.fileio.sha256_tree`,
     i.e. ``find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum``) for ``kind='dir'``. ``None`` means the
-    content is not known to us: such an asset is used only when the caller passes ``trust=True``.
+    full hash is not known to us. ``sha256_prefix`` is a published *prefix* of the file's sha256 (torch.hub's
+    convention: torchvision names its weights ``<name>-<first hex digits of the sha256>.pth`` and checks them the
+    same way): a copy must match it, which catches a wrong, truncated or corrupt file but not a crafted one, so only
+    use it for files read by a loader that cannot run code (``torch.load(weights_only=True)``). An asset with
+    neither is used only when the caller passes ``trust=True``.
 
     A ``dir`` asset downloads as a tarball; ``archive_subdir`` is the folder inside the archive that becomes the
     asset, ``archive_extra`` are further archive paths copied into the asset's top level (e.g. a LICENSE that lives
@@ -68,6 +72,7 @@ class Asset:
     archive_subdir: str | None = None
     archive_extra: tuple[str, ...] = field(default=())
     archive_exclude: tuple[str, ...] = field(default=())
+    sha256_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("file", "dir"):
@@ -76,12 +81,33 @@ class Asset:
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
         ):
             raise ValueError(f"asset {self.name!r}: sha256 must be 64 lowercase hex digits or None")
+        if self.sha256_prefix is not None and (
+            self.kind != "file" or not 8 <= len(self.sha256_prefix) < 64
+            or any(c not in "0123456789abcdef" for c in self.sha256_prefix)
+        ):
+            raise ValueError(f"asset {self.name!r}: sha256_prefix must be 8-63 lowercase hex digits of a file asset")
         if PurePosixPath(self.mirror_path).is_absolute() or ".." in PurePosixPath(self.mirror_path).parts:
             raise ValueError(f"asset {self.name!r}: mirror_path must be relative: {self.mirror_path!r}")
 
     @property
     def pinned(self) -> bool:
+        """The full sha256 is known: every copy is verified completely."""
         return self.sha256 is not None
+
+    @property
+    def verifiable(self) -> bool:
+        """Copies can be checked at all: the full sha256 or a published prefix of it is known."""
+        return self.pinned or self.sha256_prefix is not None
+
+    def matches(self, actual: str) -> bool:
+        """Does a content hash satisfy the pin (the full sha256, else the prefix)?"""
+        if self.sha256 is not None:
+            return actual == self.sha256
+        return self.sha256_prefix is not None and actual.startswith(self.sha256_prefix)
+
+    def expected(self) -> str:
+        """The pin in words, for messages."""
+        return self.sha256 if self.sha256 is not None else f"a sha256 starting with {self.sha256_prefix}"
 
     def raw_path(self, raw_dir: str | os.PathLike[str] = DEFAULT_RAW_DIR) -> Path:
         """Where the asset lives under ``raw_dir``: the folder itself, or the file inside ``raw_dir/<name>/``.
@@ -146,6 +172,31 @@ ASSETS: dict[str, Asset] = {
         description="Ultralytics YOLO11s COCO checkpoint (official name, for users with internet; not pinned)",
     ),
 }
+
+
+def _torchvision_coco(model: str, file_name: str, params_m: float, box_map: float) -> Asset:
+    """torchvision's COCO_V1 weights of a Faster R-CNN: the URL of ``weights.url``; the file name carries the first
+    hex digits of its sha256 (torch.hub's check), the full hash is not published and not pinned here."""
+    return Asset(
+        name=f"{model}-coco",
+        kind="file",
+        url=f"https://download.pytorch.org/models/{file_name}",
+        sha256=None,
+        sha256_prefix=file_name.rsplit("-", 1)[1].split(".")[0],
+        license="BSD-3-Clause",
+        mirror_path=f"weights/{file_name}",
+        description=(f"torchvision {model} COCO_V1 state dict ({params_m} M parameters, COCO box mAP {box_map}); "
+                     "read with torch.load(weights_only=True); the 91-class box predictor does not transfer"),
+    )
+
+
+ASSETS.update({a.name: a for a in (
+    _torchvision_coco("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",
+                      19.4, 32.8),
+    _torchvision_coco("fasterrcnn_mobilenet_v3_large_320_fpn",
+                      "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth", 19.4, 22.8),
+    _torchvision_coco("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth", 43.7, 46.7),
+)})
 
 
 def get_asset(name: str) -> Asset:
@@ -219,16 +270,19 @@ def _check(asset: Asset, path: Path, *, verify: bool = True) -> _Check:
         return _Check(path, "mismatch", "not a directory")
     if not verify:
         return _Check(path, "present", "present (not verified)")
-    if not asset.pinned:
+    if not asset.verifiable:
         return _Check(path, "present", "present (no pinned sha256, not verifiable)")
     try:
         actual = content_hash(path, asset.kind)
     except OSError as e:
         return _Check(path, "mismatch", f"unreadable: {e}")
-    if actual != asset.sha256:
+    if not asset.matches(actual):
         return _Check(
-            path, "mismatch", f"checksum mismatch: expected {asset.sha256}, got {actual}", actual_sha256=actual
+            path, "mismatch", f"checksum mismatch: expected {asset.expected()}, got {actual}", actual_sha256=actual
         )
+    if not asset.pinned:
+        return _Check(path, "present", f"sha256 prefix {asset.sha256_prefix} matches (full sha256 not pinned)",
+                      actual_sha256=actual)
     return _Check(path, "present", "verified", verified=True, actual_sha256=actual)
 
 
@@ -313,9 +367,9 @@ def _download_into_raw(asset: Asset, raw_dir: Path, *, progress: bool, timeout: 
         else:
             src = _extract(asset, archive, work / "extract")
             actual = sha256_tree(src)
-        if asset.pinned and actual != asset.sha256:
-            raise AssetError(f"checksum mismatch: expected {asset.sha256}, got {actual}")
-        if not asset.pinned:
+        if asset.verifiable and not asset.matches(actual):
+            raise AssetError(f"checksum mismatch: expected {asset.expected()}, got {actual}")
+        if not asset.verifiable:
             log.warning(
                 "asset %r downloaded WITHOUT verification (trust=True); its sha256 is %s - pin it in the "
                 "manifest to verify future copies",
@@ -363,12 +417,12 @@ def _copy_into_raw(asset: Asset, src: Path, raw_dir: Path) -> Path:
                     _copy_plain(p, staging / p.relative_to(src))
             copied = staging
         # Re-verify the copy before it goes live: the source could change, or the disk could fill, mid-copy.
-        if asset.pinned:
+        if asset.verifiable:
             actual = sha256_file(copied) if asset.kind == "file" else sha256_tree(copied)
-            if actual != asset.sha256:
+            if not asset.matches(actual):
                 raise AssetError(
                     f"asset {asset.name!r}: copy from {src} failed its checksum "
-                    f"(expected {asset.sha256}, got {actual}); nothing was written"
+                    f"(expected {asset.expected()}, got {actual}); nothing was written"
                 )
     final = asset.raw_path(raw_dir)
     if asset.pinned:
@@ -380,7 +434,7 @@ def _copy_into_raw(asset: Asset, src: Path, raw_dir: Path) -> Path:
 
 
 def _require_trust(asset: Asset, trust: bool) -> None:
-    if not asset.pinned and not trust:
+    if not asset.verifiable and not trust:
         raise AssetError(
             f"asset {asset.name!r} has no pinned sha256 in the manifest, so no copy of it can be verified "
             f"(a .pt checkpoint is a pickle and can run code when loaded). Pass trust=True (CLI: --trust) to "
@@ -421,7 +475,7 @@ def _resolve(
 
     raw = _check(asset, asset.raw_path(raw_dir))
     if raw.status == "present":
-        if not asset.pinned:
+        if not asset.verifiable:
             log.warning("asset %r used from %s WITHOUT verification (trust=True)", asset.name, raw.path)
         return raw.path
     tried.append(f"{raw.path}: {raw.detail}")
@@ -434,7 +488,7 @@ def _resolve(
     for mirror in dirs:
         c = _check(asset, asset.mirror_location(mirror))
         if c.status == "present":
-            if not asset.pinned:
+            if not asset.verifiable:
                 log.warning("asset %r used from %s WITHOUT verification (trust=True)", asset.name, c.path)
             if materialise:
                 return _copy_into_raw(asset, c.path, raw_dir)
@@ -542,6 +596,7 @@ def list_assets(
                 "license": asset.license,
                 "url": asset.url,
                 "sha256": asset.sha256,
+                "sha256_prefix": asset.sha256_prefix,
                 "mirror_path": asset.mirror_path,
                 "description": asset.description,
                 "available": any(loc["status"] == "present" for loc in locations),

@@ -237,8 +237,10 @@ def assets_list(
     from pipeline import assets
 
     for row in assets.list_assets(raw_dir=raw_dir, mirrors=mirror, verify=verify):
+        pin = (f"sha256 {row['sha256']}" if row["sha256"] else f"sha256 prefix {row['sha256_prefix']} (full "
+               "sha256 not published)" if row["sha256_prefix"] else "sha256 not pinned (--trust)")
         typer.echo(f"{row['name']:<14} {row['kind']:<4} {row['license']:<10} "
-                   f"{'available' if row['available'] else 'NOT AVAILABLE'}  {row['url']}")
+                   f"{'available' if row['available'] else 'NOT AVAILABLE'}  {row['url']}  {pin}")
         for loc in row["locations"]:
             typer.echo(f"{'':<16}{loc['where']:<7} {loc['status']:<8} {loc['path']}")
 

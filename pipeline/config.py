@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.families import FAMILIES, ExportSettings, get_family
 
 DEFAULT_PARAMS = Path("params.yaml")
 log = logging.getLogger(__name__)
@@ -38,15 +39,17 @@ class PhantomParams(_Section):
     empty_fraction: float = Field(0.3, ge=0.0, le=1.0)
     vessels: float = Field(8.0, ge=0.0, le=100.0)
     ground_glass_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # The scanner ("site"): the defaults are site A, today's phantom byte for byte; see pipeline/data/phantom.py.
+    pixel_spacing: float = Field(0.7, ge=0.1, le=5.0)  # mm per pixel; the patient stays the same physical size
+    noise_hu: float = Field(10.0, ge=0.0, le=500.0)  # sigma of the image noise, HU
+    sharpness: float = Field(0.0, ge=-5.0, le=5.0)  # reconstruction kernel: > 0 sharpen, < 0 smooth, 0 none
+    hu_offset: float = Field(0.0, ge=-500.0, le=500.0)  # HU calibration error added to every pixel
 
     @model_validator(mode="after")
     def _radii(self) -> PhantomParams:
         if self.min_radius > self.max_radius:
             raise ValueError(f"min_radius ({self.min_radius}) must be <= max_radius ({self.max_radius})")
         return self
-
-
-DATA_FORMATS = ("auto", "dicom_csv", "voc", "coco", "yolo")
 
 
 class DataParams(_Section):
@@ -96,16 +99,8 @@ class AugmentParams(_Section):
     mosaic: bool = True
 
 
-YOLO_MODELS = ("yolov5n", "yolov5s", "yolov8n", "yolov8s", "yolo11n", "yolo11s")
-FRCNN_MODELS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
-                "fasterrcnn_resnet50_fpn_v2")
-
-
-DEFAULT_MODEL = {"yolo": "yolov5n", "frcnn": "fasterrcnn_mobilenet_v3_large_320_fpn"}
-
-
 class TrainParams(_Section):
-    family: Literal["yolo", "frcnn"] = "yolo"
+    family: str = "yolo"
     model: str = "auto"
     pretrained: str = "auto"
     pretrained_sha256: str | None = None
@@ -131,9 +126,17 @@ class TrainParams(_Section):
     def _auto_model(cls, data: Any) -> Any:
         """``model: auto`` picks the family's default, so switching family alone is a valid experiment."""
         if isinstance(data, dict) and data.get("model", "auto") == "auto":
-            family = data.get("family", "yolo")
-            data = {**data, "model": DEFAULT_MODEL.get(family, "auto")}
+            family = FAMILIES.get(data.get("family", "yolo"))
+            if family is not None:
+                data = {**data, "model": family.default_model}
         return data
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; expected one of: {', '.join(sorted(FAMILIES))}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -166,7 +169,7 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _model_matches_family(self) -> TrainParams:
-        allowed = YOLO_MODELS if self.family == "yolo" else FRCNN_MODELS
+        allowed = get_family(self.family).models
         if self.model not in allowed:
             raise ValueError(
                 f"unknown model {self.model!r} for family {self.family!r}; expected one of: {', '.join(allowed)}"
@@ -193,15 +196,21 @@ class GateParams(_Section):
     champion: str = "models/registry/champion.json"
 
 
-class ExportParams(_Section):
-    opset: int = Field(18, ge=11, le=23)
-    opset_frcnn: int = Field(17, ge=11, le=23)
-    simplify: bool = True
-    half: bool = False
-    max_map_delta: float = Field(0.005, ge=0.0, le=1.0)
-    max_map_delta_frcnn: float = Field(0.01, ge=0.0, le=1.0)
+class _ExportBase(_Section):
+    """Settings for every family; each family's own are nested under ``export.<family>`` (see below)."""
+
     parity_iou: float = Field(0.9, gt=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=10_000)
+
+    def of(self, family: str) -> ExportSettings:
+        """``export.<family>``: the opset, parity limit and exporter options of one family."""
+        return getattr(self, get_family(family).name)
+
+
+#: ``export`` = the shared keys + one section per registered family (its ``export_params``, with their defaults).
+ExportParams = create_model(  # type: ignore[call-overload]
+    "ExportParams", __base__=_ExportBase,
+    **{name: (fam.export_params, Field(default_factory=fam.export_params)) for name, fam in sorted(FAMILIES.items())})
 
 
 class Params(_Section):
@@ -211,7 +220,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gate: GateParams = Field(default_factory=GateParams)
-    export: ExportParams = Field(default_factory=ExportParams)
+    export: ExportParams = Field(default_factory=ExportParams)  # type: ignore[valid-type]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -281,8 +290,3 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return Params.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, origin)) from None
-
-
-def dump_params(params: Params) -> dict[str, Any]:
-    """Plain dict of the resolved params (written next to every artifact)."""
-    return params.model_dump(mode="json")

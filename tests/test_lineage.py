@@ -43,9 +43,9 @@ def test_closure_holds_the_modules_the_issue_found_missing() -> None:
     """The concrete drift reported: infer decodes with imaging.py, export runs the trainers and evaluator."""
     assert "pipeline/data/imaging.py" in lineage.module_deps("infer")
     export = lineage.module_deps("export")
-    assert {"pipeline/evaluate/__init__.py", "pipeline/evaluate/predict.py", "pipeline/train/yolo.py",
-            "pipeline/train/frcnn.py"} <= set(export)
-    assert "pipeline/train/frcnn.py" in lineage.module_deps("evaluate")
+    assert {"pipeline/evaluate/__init__.py", "pipeline/evaluate/predict.py", "pipeline/families/yolo/export.py",
+            "pipeline/families/frcnn/export.py"} <= set(export)
+    assert "pipeline/families/frcnn/inference.py" in lineage.module_deps("evaluate")
     assert "reports/train/summary.json" in lineage.DATA_INPUTS["export"]
     for stage in STAGES:  # config turns params into values: every stage that reads them; the CLI file: none
         assert ("pipeline/config.py" in lineage.module_deps(stage)) == (stage != "infer")  # infer: the card only

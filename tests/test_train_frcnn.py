@@ -8,7 +8,6 @@ import logging
 import socket
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,17 +16,15 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline import assets
 from pipeline.config import AugmentParams, Params, TrainParams
 from pipeline.errors import AssetError
-from pipeline.train import frcnn
-from pipeline.train.frcnn import (
-    EpochEnd,
-    build_frcnn,
-    load_frcnn_checkpoint,
-    predict_frcnn,
-    resolve_frcnn_pretrained,
-    train_frcnn,
-)
+from pipeline.evaluate.predict import TorchDetector
+from pipeline.families.frcnn import train as frcnn_train
+from pipeline.families.frcnn.inference import load_frcnn_checkpoint
+from pipeline.families.frcnn.model import build_frcnn
+from pipeline.families.frcnn.pretrained import resolve_frcnn_pretrained
+from pipeline.families.frcnn.train import EpochEnd, train_frcnn
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 IMGSZ = 64
@@ -150,14 +147,14 @@ def test_run_writes_outputs_and_checkpoint_predicts(tmp_path: Path, prepared: Pa
         assert len(lines) == 3, name  # header + one row per epoch
 
     model, meta = load_frcnn_checkpoint(tmp_path / "models" / "best.pt")
-    assert meta["classes"] == ["nodule"] and meta["model_name"] == MODEL and meta["imgsz"] == IMGSZ
-    assert meta["family"] == "frcnn" and meta["fingerprint"]
+    assert meta.classes == ["nodule"] and meta.model == MODEL and meta.imgsz == IMGSZ
+    assert meta.family == "frcnn" and torch.load(tmp_path / "models" / "best.pt", weights_only=True)["fingerprint"]
     img = np.asarray(Image.open(prepared / "images" / "val" / "val_2.png").convert("RGB"))
-    (det,) = predict_frcnn(model, [img], score_threshold=0.0)
-    assert det["boxes"].shape[1:] == (4,) and len(det["scores"]) == len(det["labels"]) == len(det["boxes"])
-    assert (det["labels"] == 0).all()  # one class, 0-based
-    if len(det["boxes"]):
-        assert det["boxes"].min() >= 0 and det["boxes"].max() <= 64
+    (det,) = TorchDetector.load(tmp_path / "models" / "best.pt").predict([img], conf=0.0)  # the inference path
+    assert det.boxes.shape[1:] == (4,) and len(det.scores) == len(det.labels) == len(det.boxes)
+    assert (det.labels == 0).all()  # one class, 0-based
+    if len(det.boxes):
+        assert det.boxes.min() >= 0 and det.boxes.max() <= 64
 
 
 def test_feature_extraction_keeps_backbone_bit_identical(tmp_path: Path, prepared: Path,
@@ -237,7 +234,7 @@ def test_resume_continues_after_interruption(tmp_path: Path, prepared: Path, cap
         _run(tmp_path / "a", prepared, params, on_epoch_end=crash_after_epoch_1)
     assert not (tmp_path / "a" / "models").exists()
     epochs: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.frcnn"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.families.frcnn"):
         res = _run(tmp_path / "a", prepared, params, on_epoch_end=lambda e: epochs.append(e.epoch))
     assert epochs == [2]
     assert res.resumed and res.start_epoch == 2 and res.epochs_run == 3
@@ -272,7 +269,7 @@ def test_unreadable_last_checkpoint_starts_fresh(tmp_path: Path, prepared: Path,
         _run(tmp_path, prepared, params, on_epoch_end=crash)
     (last,) = (tmp_path / "work").glob("frcnn-*/last.pt")
     last.write_bytes(b"torn checkpoint")
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.frcnn"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.families.frcnn"):
         res = _run(tmp_path, prepared, params)
     assert not res.resumed and res.start_epoch == 0 and res.epochs_run == 2
     assert any("unreadable checkpoint" in r.getMessage() for r in caplog.records)
@@ -292,7 +289,7 @@ def test_resume_never_starts_fresh(tmp_path: Path, prepared: Path) -> None:
 
 
 def test_early_stopping(tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frcnn, "evaluate_coco", lambda *a, **k: (0.0, 0.0))  # never improves after epoch 0
+    monkeypatch.setattr(frcnn_train, "evaluate_coco", lambda *a, **k: (0.0, 0.0))  # never improves after epoch 0
     res = _run(tmp_path, prepared, _params(epochs=5, patience=1))
     assert res.epochs_run == 2
     ckpt = torch.load(res.last, weights_only=True)
@@ -303,7 +300,8 @@ def test_coco_offline_without_mirror_fails_fast(tmp_path: Path, prepared: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     _blocked_network(monkeypatch, tmp_path)
     t0 = time.monotonic()
-    with pytest.raises(AssetError, match="pretrained is 'coco'.*fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"):
+    with pytest.raises(AssetError,
+                       match="(?s)pretrained is 'coco'.*fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"):
         _run(tmp_path, prepared, _params(pretrained="coco"))
     assert time.monotonic() - t0 < 15
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").glob("frcnn-*"))
@@ -320,27 +318,30 @@ def test_auto_offline_falls_back_to_scratch_loudly(tmp_path: Path, prepared: Pat
 
 def test_coco_mirror_file_is_verified_by_name_prefix(tmp_path: Path, pretrained_file: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mirror copy is used only if its sha256 starts with the hex digits in torchvision's file name."""
+    """train.pretrained=coco goes through pipeline/assets.py (the resolver and mirror YOLO uses): a mirror copy is used
+    only if its sha256 starts with the hex digits in torchvision's file name."""
     _blocked_network(monkeypatch, tmp_path)
     from pipeline.fileio import sha256_file
 
-    name = f"fasterrcnn_mobilenet_v3_large_320_fpn-{sha256_file(pretrained_file)[:8]}.pth"
-    real_builder, _ = frcnn._builders()[MODEL]
-    fake = SimpleNamespace(url=f"https://example.invalid/models/{name}",
-                           get_state_dict=lambda **k: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(frcnn, "_builders", lambda: {MODEL: (real_builder, fake)})
+    real = assets.ASSETS[f"{MODEL}-coco"]
+    name = f"{MODEL}-{sha256_file(pretrained_file)[:8]}.pth"  # a fake torchvision file whose hash we control
+    fake = assets.Asset(real.name, "file", f"https://example.invalid/models/{name}", None, real.license,
+                        f"weights/{name}", "test double", sha256_prefix=sha256_file(pretrained_file)[:8])
+    monkeypatch.setitem(assets.ASSETS, real.name, fake)
     mirror = tmp_path / "mirror"
     (mirror / "weights").mkdir(parents=True)
     tp = _params(pretrained="coco").train
 
     (mirror / "weights" / name).write_bytes(b"not the checkpoint")
-    with pytest.raises(AssetError, match="does not start with"):
+    with pytest.raises(AssetError, match="checksum mismatch: expected a sha256 starting with"):
         resolve_frcnn_pretrained(tp, tmp_path / "raw", [mirror])
 
     (mirror / "weights" / name).write_bytes(pretrained_file.read_bytes())
     src, state = resolve_frcnn_pretrained(tp, tmp_path / "raw", [mirror])
     assert src.kind == "coco" and src.path == str(mirror / "weights" / name)
     assert src.sha256 == sha256_file(pretrained_file) and state is not None and len(state) > 100
+    listed = {row["name"]: row for row in assets.list_assets(tmp_path / "raw", [mirror])}[real.name]
+    assert listed["available"] and listed["sha256_prefix"] == sha256_file(pretrained_file)[:8]
 
 
 def test_wrong_pretrained_sha256_is_refused(tmp_path: Path, prepared: Path, pretrained_file: Path) -> None:

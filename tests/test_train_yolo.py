@@ -69,8 +69,8 @@ def test_feature_extraction_keeps_backbone_bit_identical(tmp_path: Path, tiny_pr
 def test_progressive_flips_requires_grad_exactly_on_schedule(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
-    from pipeline.train.common import yolo_group_prefixes
-    from pipeline.train.yolo import _apply_freeze_schedule
+    from pipeline.families.yolo.train import yolo_group_prefixes
+    from pipeline.families.yolo.trainer import _apply_freeze_schedule
 
     model = DetectionModel("yolov5n.yaml", nc=1, verbose=False)
     trainer = SimpleNamespace(model=model, epoch=0, run_dir=tmp_path, prefixes=yolo_group_prefixes("yolov5n"),
@@ -111,7 +111,7 @@ def test_progressive_run_and_lr_groups(tmp_path: Path, tiny_prepared: Path, mirr
 def test_lr_groups_split_pretrained_layers(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
-    from pipeline.train.yolo import DetflowDetectionTrainer
+    from pipeline.families.yolo.trainer import DetflowDetectionTrainer
 
     model = DetectionModel("yolov5n.yaml", nc=1, verbose=False)
     pretrained = [n for n, _ in model.named_parameters() if int(n.split(".")[1]) < 24]
@@ -129,7 +129,7 @@ def test_lr_groups_split_pretrained_layers(tmp_path: Path) -> None:
 
 
 def test_cpu_threads_override_ultralytics_cores_minus_one() -> None:
-    from pipeline.train.yolo import _set_cpu_threads
+    from pipeline.families.yolo.trainer import _set_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -159,7 +159,7 @@ def test_wrong_sha256_refuses_before_training(tmp_path: Path, tiny_prepared: Pat
 def test_pretrained_coco_strict_and_auto_fallback(tmp_path: Path, tiny_prepared: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DETFLOW_ASSETS", raising=False)
-    from pipeline.train.yolo import resolve_pretrained
+    from pipeline.families.yolo.pretrained import resolve_pretrained
 
     tp = load_params(None, ["train.pretrained=coco"]).train
     start = time.perf_counter()

@@ -127,7 +127,7 @@ def evaluate_model(params: Params, model_path: Path, prepared: Path, reports: Pa
         lambda rgbs: detector.predict(rgbs, conf=0.001, iou=ev.nms_iou), prepared, ev.split, classes, params,
         progress, keep_images=ev.preview_images)
     metrics, private = compute_metrics(images, gt, classes, params)
-    metrics["model"] = {"family": detector.family, "imgsz": detector.imgsz, "path": str(model_path)}
+    metrics["model"] = {"family": detector.family.name, "imgsz": detector.imgsz, "path": str(model_path)}
     seconds = time.perf_counter() - start
     metrics["seconds"] = round(seconds, 2)
     atomic_write_json(reports / "eval" / "predictions.json", private["results"])

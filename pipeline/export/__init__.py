@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.errors import DataError, DetflowError
+from pipeline.families import ModelFamily
 from pipeline.fileio import (
     atomic_outputs,
     atomic_write_json,
@@ -41,49 +42,9 @@ class ExportResult:
     parity: dict[str, Any]
 
 
-def _export_yolo(best: Path, work: Path, imgsz: int, params: Params) -> Path:
-    """Ultralytics' exporter on a copy of the checkpoint (it writes next to its input, a DVC output)."""
-    from pipeline.ultralytics_env import import_ultralytics
-
-    import_ultralytics()
-    from ultralytics import YOLO
-
-    copy = work / "best.pt"
-    shutil.copy(best, copy)
-    ex = params.export
-    out = YOLO(str(copy)).export(format="onnx", dynamic=True, simplify=ex.simplify, opset=ex.opset, imgsz=imgsz,
-                                 quantize="fp16" if ex.half else None, device="0" if ex.half else "cpu", verbose=False)
-    return Path(out)
-
-
-def _export_frcnn(best: Path, work: Path, imgsz: int, params: Params) -> Path:
-    """torch.onnx (TorchScript exporter) at a fixed 1x3xSxS input; letterboxing happens outside the graph."""
-    import torch
-
-    from pipeline.train.frcnn import load_frcnn_checkpoint
-
-    model, _ = load_frcnn_checkpoint(best)
-    model.eval()
-
-    class SingleImage(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            out = self.inner([images[0]])[0]
-            return out["boxes"], out["labels"], out["scores"]
-
-    out = work / "model.onnx"
-    dummy = torch.rand(1, 3, imgsz, imgsz)
-    torch.onnx.export(SingleImage(model), (dummy,), str(out), opset_version=params.export.opset_frcnn,
-                      input_names=["images"], output_names=["boxes", "labels", "scores"], dynamo=False)
-    return out
-
-
 def _match_parity(torch_dets: list, onnx_dets: list, conf: float, iou_thr: float) -> dict[str, Any]:
-    """Box-level agreement at the operating threshold: greedy same-class matching by IoU."""
-    from pipeline.data.validate import pairwise_iou
+    """Box-level agreement at the operating threshold: greedy same-class matching by IoU, torch boxes by score."""
+    from pipeline.matching import greedy_match
 
     matched = total = 0
     box_diff = score_diff = 0.0
@@ -92,19 +53,11 @@ def _match_parity(torch_dets: list, onnx_dets: list, conf: float, iou_thr: float
         tb, ts, tl = t.boxes[tk], t.scores[tk], t.labels[tk]
         ob, os_, ol = o.boxes[ok], o.scores[ok], o.labels[ok]
         total += max(len(ts), len(os_))
-        if not len(ts) or not len(os_):
-            continue
-        iou = pairwise_iou(tb, ob)
-        iou[tl[:, None] != ol[None, :]] = -1
-        used = np.zeros(len(os_), dtype=bool)
-        for i in np.argsort(-ts):
-            cand = np.where(used, -1.0, iou[i])
-            j = int(cand.argmax())
-            if cand[j] >= iou_thr:
-                used[j] = True
-                matched += 1
-                box_diff = max(box_diff, float(np.abs(tb[i] - ob[j]).max()))
-                score_diff = max(score_diff, float(abs(ts[i] - os_[j])))
+        target = greedy_match(tb, ts, ob, iou_thr=iou_thr, labels=tl, target_labels=ol).target
+        for i, j in zip(np.flatnonzero(target >= 0), target[target >= 0], strict=True):
+            matched += 1
+            box_diff = max(box_diff, float(np.abs(tb[i] - ob[j]).max()))
+            score_diff = max(score_diff, float(abs(ts[i] - os_[j])))
     return {"boxes_compared": total, "boxes_matched": matched,
             "matched_fraction": round(matched / total, 6) if total else 1.0,
             "max_abs_box_diff_px": round(box_diff, 6), "max_abs_score_diff": round(score_diff, 6)}
@@ -149,10 +102,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, onnx_path: Path, opset: int,
+def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgsz: int, onnx_path: Path,
                prepared: Path, train_summary: dict, metrics: dict, gate: dict, parity: dict,
                params: Params, stride: int = 0) -> dict[str, Any]:
-    """The machine-readable contract that ships next to model.onnx."""
+    """The machine-readable contract that ships next to model.onnx (family fields from the family)."""
+    settings = params.export.of(family.name)
     info = json.loads((prepared / "prepare_info.json").read_text())
     windows = info.get("dicom_windows_used") or []
     dicom_window = None
@@ -161,7 +115,7 @@ def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, 
                         "window": windows[0] if len(windows) == 1 else None, "windows_seen": windows,
                         "rescale": "RescaleSlope/RescaleIntercept applied first (HU)",
                         "monochrome1": "inverted"}
-    batch = "dynamic (N)" if family == "yolo" else 1
+    batch = "dynamic (N)" if family.dynamic_batch else 1
     if stride:
         shape: list[Any] = [batch, 3, "H", "W"]
         resize = (f"letterbox: scale so the image fits {imgsz}x{imgsz} keeping the aspect ratio, bilinear "
@@ -172,26 +126,19 @@ def build_card(*, family: str, model_name: str, classes: list[str], imgsz: int, 
         shape = [batch, 3, imgsz, imgsz]
         resize = (f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
                   "centre padding with grey 114; boxes mapped back by the same scale and offset")
-    output = ({"name": "output0", "shape": ["N", 4 + len(classes), "anchors"],
-               "meaning": "per anchor: box centre x, centre y, width, height in input pixels, then one score per "
-                          "class (sigmoid); decode with pipeline.infer.processing.yolo_postprocess"}
-              if family == "yolo" else
-              {"names": ["boxes", "labels", "scores"],
-               "meaning": "after the graph's own NMS: xyxy boxes in input pixels, labels 1..K (0 = background), "
-                          "scores"})
     return {
         "schema": "detflow-model-card/1",
-        "family": family, "model": model_name, "classes": classes,
+        "family": family.name, "model": model_name, "classes": classes,
         "input": {"name": "images", "shape": shape, "imgsz": imgsz, "stride": stride,
-                  "dtype": "float16" if params.export.half and family == "yolo" else "float32",
+                  "dtype": family.input_dtype(settings),
                   "layout": "NCHW", "channel_order": "RGB", "value_range": [0.0, 1.0],
                   "normalisation": "pixel / 255, no mean/std (the network normalises internally for Faster R-CNN)",
                   "resize": resize,
                   "dicom_window": dicom_window},
-        "output": output,
+        "output": family.card_output(classes),
         "postprocess": {"conf": params.evaluate.conf, "nms_iou": params.evaluate.nms_iou,
                         "max_det": params.export.max_det},
-        "opset": opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
+        "opset": settings.opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
         "training_data": {"source": info.get("source"), "manifest_sha256": info.get("manifest_sha256"),
                           "split_mode": info.get("split_mode")},
         "pretrained": (train_summary.get("transfer") or {}).get("pretrained"),
@@ -258,12 +205,6 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
     gate = _read_json(gate_path, "gate verdict")
     if not gate.get("passed"):
         raise DetflowError(f"the evaluation gate did not pass ({gate_path}); refusing to export")
-    if params.export.half:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DetflowError("export.half needs a CUDA GPU at export time (Ultralytics exports FP16 on GPU only); "
-                               "set export.half: false")
     if not (prepared / "prepare_info.json").is_file():
         raise DataError(f"prepared dataset {prepared} lacks prepare_info.json; run `detflow prepare` (or `dvc repro`)")
     _read_json(prepared / "prepare_info.json", "dataset info")
@@ -271,23 +212,23 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
     metrics = _read_json(reports / "metrics.json", "evaluation metrics", default={})
     summary = _read_json(reports / "train" / "summary.json", "training summary", default={})
     torch_det = TorchDetector.load(model_path)
+    family = torch_det.family
+    settings = params.export.of(family.name)
+    family.check_export(settings)
     start = time.perf_counter()
     work = private_workdir(out_dir, "export")
     try:
-        if torch_det.family == "yolo":
-            onnx_path, opset = _export_yolo(model_path, work, torch_det.imgsz, params), params.export.opset
-        else:
-            onnx_path, opset = _export_frcnn(model_path, work, torch_det.imgsz, params), params.export.opset_frcnn
+        onnx_path = family.export_onnx(model_path, torch_det.loaded, work, torch_det.imgsz, settings)
         onnx.checker.check_model(str(onnx_path))
-        card = build_card(family=torch_det.family, model_name=summary.get("model", torch_det.family),
-                          classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path, opset=opset,
+        card = build_card(family=family, model_name=torch_det.meta.model,
+                          classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path,
                           prepared=prepared, train_summary=summary, metrics=metrics, gate=gate, parity={},
                           params=params, stride=torch_det.stride)
         card_path = work / "model_card.json"
         card_path.write_text(json.dumps(card, indent=2))
         onnx_det = OnnxDetector(onnx_path, card_path, providers="CPUExecutionProvider")
         parity = measure_parity(torch_det, onnx_det, prepared, params)
-        limit = params.export.max_map_delta if torch_det.family == "yolo" else params.export.max_map_delta_frcnn
+        limit = settings.max_map_delta
         parity.update({"max_map_delta": limit, "passed": parity["delta"] <= limit,
                        "seconds": round(time.perf_counter() - start, 2)})
         atomic_write_json(reports / "parity.json", parity)

@@ -7,7 +7,6 @@ silently falls back to CPU when CUDA libraries are missing), and runs the shared
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from pipeline.errors import DetflowError
-from pipeline.infer.processing import Detections, frcnn_postprocess, preprocess, yolo_postprocess
+from pipeline.families import FAMILIES, ModelFamily
+from pipeline.fileio import sha256_file
+from pipeline.infer.processing import Detections, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,6 @@ def check_threshold(value: float, name: str = "conf") -> float:
             or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -103,7 +96,7 @@ class OnnxDetector:
             raise ModelLoadError(f"model card {self.card_path} not found next to the model; export writes both")
         self.card: dict[str, Any] = self._read_card()
         if verify_checksum:
-            actual = _sha256(self.model_path)
+            actual = sha256_file(self.model_path)
             if actual != self.card["sha256"]:
                 raise ModelLoadError(f"checksum mismatch for {self.model_path}: the card says {self.card['sha256']}, "
                                      f"the file is {actual} (truncated, replaced or a different export)")
@@ -142,6 +135,7 @@ class OnnxDetector:
             log.warning("CUDA provider requested but not active; running on %s", ", ".join(self.providers))
         self._check_card_against_graph()
         self.family: str = self.card["family"]
+        self.model_family: ModelFamily = FAMILIES[self.family]  # torch-free parts only: graph check, postprocess
         self.classes: list[str] = list(self.card["classes"])
         self.imgsz: int = int(self.card["input"]["imgsz"])
         self.input_name = self.session.get_inputs()[0].name
@@ -155,7 +149,6 @@ class OnnxDetector:
                 raise ValueError(f"max_det must be >= 1, got {self.max_det}")
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"model card {self.card_path}: postprocess: {e}; re-export the model") from None
-        self.dynamic_batch = self.family == "yolo"
         self._local = threading.local()
         # Minimal (rect) padding only where the card says the model takes it and the graph's H/W are dynamic.
         in_shape = self.session.get_inputs()[0].shape
@@ -186,8 +179,8 @@ class OnnxDetector:
         classes, inp = card["classes"], card["input"]
         imgsz = inp.get("imgsz") if isinstance(inp, dict) else None
         problems = []
-        if card["family"] not in ("yolo", "frcnn"):
-            problems.append(f"family {card['family']!r} is not 'yolo' or 'frcnn'")
+        if not isinstance(card["family"], str) or card["family"] not in FAMILIES:
+            problems.append(f"family {card['family']!r} is not one of: {', '.join(sorted(FAMILIES))}")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             problems.append("classes is not a non-empty list of names")
         if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 1:
@@ -211,21 +204,18 @@ class OnnxDetector:
             if isinstance(shape[axis], int) and shape[axis] != int(card_in["imgsz"]):
                 problems.append(f"graph input size {shape[2:]} differs from the card's imgsz {card_in['imgsz']}")
                 break
-        if self.card["family"] == "yolo":
-            nc = outputs[0].shape[1]
-            if isinstance(nc, int) and nc - 4 != len(self.card["classes"]):
-                problems.append(f"graph predicts {nc - 4} classes, the card lists {len(self.card['classes'])}")
-        elif [o.name for o in outputs] != ["boxes", "labels", "scores"]:
-            problems.append(f"Faster R-CNN graph outputs {[o.name for o in outputs]}, expected boxes, labels, scores")
+        problems += FAMILIES[self.card["family"]].check_graph(inputs, outputs, self.card)
         if problems:
             raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: "
                                  + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    def decode(self, source: str | os.PathLike[str] | bytes | np.ndarray, name: str = "") -> ImageInput:
-        """Decode a file path, raw bytes (JPEG/PNG/DICOM, by content) or an RGB/grey array."""
-        from pipeline.data.imaging import ImageLoadError, is_dicom_bytes, load_dicom, load_raster
+    def decode(self, source: str | os.PathLike[str] | bytes | np.ndarray, name: str = "",
+               max_pixels: int | None = None) -> ImageInput:
+        """Decode a file path or raw bytes (by content: :func:`pipeline.data.imaging.decode_bytes`, as the service
+        does) or an RGB/grey array. ``max_pixels``: None for :data:`~pipeline.data.imaging.DEFAULT_MAX_PIXELS`."""
+        from pipeline.data.imaging import DEFAULT_MAX_PIXELS, ImageLoadError, decode_bytes, decode_path
 
         if isinstance(source, np.ndarray):
             arr = source
@@ -236,11 +226,10 @@ class OnnxDetector:
             if arr.dtype != np.uint8:
                 raise ImageLoadError("not_an_image", f"array dtype {arr.dtype}; expected uint8 RGB")
             return ImageInput(np.ascontiguousarray(arr[:, :, :3]), name or "array")
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        label = name or (str(source) if not isinstance(source, bytes) else "bytes")
-        if is_dicom_bytes(data[:132]) or label.lower().endswith(".dcm"):
-            return ImageInput(load_dicom(data, self.dicom_window()).rgb, label)
-        return ImageInput(load_raster(data, keep_encoded=False, max_pixels=self.card.get("max_pixels")).rgb, label)
+        rules = {"max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "window": self.dicom_window()}
+        if isinstance(source, bytes):
+            return ImageInput(decode_bytes(source, **rules).rgb, name or "bytes")
+        return ImageInput(decode_path(source, **rules).rgb, name or str(source))
 
     def dicom_window(self) -> tuple[float, float] | None:
         """The training window when it came from params; None means 'the file's own tags', as in training."""
@@ -264,13 +253,12 @@ class OnnxDetector:
             return []
         local = self._local.__dict__.setdefault("buffers", {})  # per thread: the service predicts from several
         batch, metas = preprocess(images, self.imgsz, self.input_dtype, stride=self.stride, buffers=local)
-        if self.family == "yolo":
-            raw = self.run(batch)[0].astype(np.float32, copy=False)
-            return yolo_postprocess(raw, metas, conf=conf, iou=iou, max_det=max_det)
-        out = []
-        for i, meta in enumerate(metas):  # the Faster R-CNN graph is exported for one image at a time
-            boxes, labels, scores = self.run(batch[i:i + 1])
-            out.append(frcnn_postprocess(boxes, scores, labels, meta, conf=conf, max_det=max_det))
+        family = self.model_family
+        if family.dynamic_batch:
+            return family.postprocess(self.run(batch), metas, conf=conf, iou=iou, max_det=max_det)
+        out: list[Detections] = []
+        for i, meta in enumerate(metas):  # a graph exported for one image at a time
+            out += family.postprocess(self.run(batch[i:i + 1]), [meta], conf=conf, iou=iou, max_det=max_det)
         return out
 
     def predict_stream(self, sources: Iterable[S], batch: int = 1, workers: int = 1,

@@ -1,4 +1,6 @@
-"""The one pre- and post-processing implementation, shared by evaluation, batch inference and the service.
+"""The one pre-processing implementation and the post-processing helpers (NMS, un-letterbox), shared by evaluation,
+batch inference and the service; each family decodes its own graph output with them
+(``pipeline/families/*/postprocess.py``).
 
 numpy + OpenCV only (no torch), so the serving image can import it. The letterbox reproduces Ultralytics'
 ``LetterBox`` (centre padding with grey 114, ``cv2.INTER_LINEAR``), the transform YOLO models are trained with.
@@ -136,43 +138,3 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
-
-
-def yolo_postprocess(raw: np.ndarray, metas: list[LetterboxMeta], conf: float = 0.001, iou: float = 0.7,
-                     max_det: int = 300, max_nms: int = 30000) -> list[Detections]:
-    """Decode Ultralytics' Detect output ``(B, 4 + nc, A)`` (xywh in input pixels, class scores) per image.
-
-    Class-aware NMS by offsetting boxes per class, like Ultralytics' ``non_max_suppression`` (multi_label off).
-    """
-    out = []
-    nc = raw.shape[1] - 4
-    for b, meta in enumerate(metas):
-        pred = raw[b].T  # (A, 4 + nc)
-        cls_scores = pred[:, 4:]
-        labels = cls_scores.argmax(1)
-        scores = cls_scores[np.arange(len(labels)), labels]
-        keep = scores > conf
-        if not keep.any():
-            out.append(Detections(np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64)))
-            continue
-        xywh, scores, labels = pred[keep, :4], scores[keep], labels[keep]
-        if len(scores) > max_nms:
-            top = np.argsort(-scores, kind="stable")[:max_nms]
-            xywh, scores, labels = xywh[top], scores[top], labels[top]
-        xyxy = np.empty_like(xywh)
-        xyxy[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
-        xyxy[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
-        offset = labels[:, None].astype(xyxy.dtype) * 7680.0 if nc > 1 else 0.0
-        kept = nms(xyxy + offset, scores, iou)[:max_det]
-        out.append(Detections(unletterbox(xyxy[kept], meta), scores[kept].astype(np.float32),
-                              labels[kept].astype(np.int64)))
-    return out
-
-
-def frcnn_postprocess(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, meta: LetterboxMeta,
-                      conf: float = 0.001, max_det: int = 300) -> Detections:
-    """torchvision Faster R-CNN output (already NMS'd, labels 1..K with 0 = background) -> Detections."""
-    keep = scores > conf
-    order = np.argsort(-scores[keep], kind="stable")[:max_det]
-    return Detections(unletterbox(boxes[keep][order], meta), scores[keep][order].astype(np.float32),
-                      (labels[keep][order] - 1).astype(np.int64))

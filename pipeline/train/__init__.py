@@ -1,21 +1,23 @@
-"""Training: one entry point, two model families sharing one definition of each transfer strategy."""
+"""Training: one entry point for every model family (``pipeline/families/``), sharing ``common.py``'s strategies."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import Params
-from pipeline.train.common import TrainResult
+from pipeline.families import get_family
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
+    from pipeline.train.common import TrainResult
 
 
 def train_model(params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
                 raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None, trust: bool = False,
                 progress: bool = True) -> TrainResult:
-    """Dispatch on ``train.family``; heavy imports happen only for the family in use."""
-    if params.train.family == "yolo":
-        from pipeline.train.yolo import train_yolo
+    """Train the family named by ``train.family``; heavy imports happen only for that family.
 
-        return train_yolo(params, prepared, out_dir, reports_dir, workdir, raw_dir, mirrors, trust, progress)
-    from pipeline.train.frcnn import train_frcnn
-
-    return train_frcnn(params, prepared, out_dir, reports_dir, workdir, raw_dir, mirrors, trust, progress)
+    ``trust`` admits pretrained weights without a pinned checksum (the CLI's ``--trust``).
+    """
+    return get_family(params.train.family).train(params, prepared, out_dir, reports_dir, workdir, raw_dir, mirrors,
+                                                 trust, progress)

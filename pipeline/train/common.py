@@ -1,6 +1,7 @@
-"""What both model families share: devices, freeze schedules, LR groups, run fingerprints, reports.
+"""What every model family's training shares: devices, freeze schedules, run fingerprints, publishing reports.
 
-Keeping these here means YOLO and Faster R-CNN follow one definition of each transfer-learning strategy.
+Keeping these here means every family follows one definition of each transfer-learning strategy (the layer groups
+themselves are the family's: ``pipeline/families/<name>/``).
 """
 
 from __future__ import annotations
@@ -11,32 +12,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import TrainParams
 from pipeline.errors import ConfigError, DataError
 
-# Module-name prefixes of each group, from the input side to the output side. The last group is the head,
-# which is always trained; progressive unfreezing walks the others from the head backwards (ULMFiT order).
-YOLO_GROUPS = {
-    # YOLOv5/v8/11 layouts: 0-9 backbone (yolo11: 0-10), then neck, then the Detect head (last index).
-    "yolov5": {"backbone": range(0, 10), "neck": range(10, 24), "head": range(24, 25)},
-    "yolov8": {"backbone": range(0, 10), "neck": range(10, 22), "head": range(22, 23)},
-    "yolo11": {"backbone": range(0, 11), "neck": range(11, 23), "head": range(23, 24)},
-}
-FRCNN_GROUPS = {
-    "backbone": ["backbone.body."],
-    "neck": ["backbone.fpn.", "rpn."],
-    "head": ["roi_heads."],
-}
-
-
-def yolo_group_prefixes(model_name: str) -> dict[str, list[str]]:
-    for family, groups in YOLO_GROUPS.items():
-        if model_name.startswith(family):
-            return {g: [f"model.{i}." for i in idx] for g, idx in groups.items()}
-    raise ConfigError(f"no layer groups known for {model_name!r}; expected a yolov5*, yolov8* or yolo11* model")
-
+if TYPE_CHECKING:
+    from pipeline.config import TrainParams
 
 def frozen_groups_at(strategy: str, unfreeze_at: Sequence[int], epoch: int) -> list[str]:
     """Groups frozen during ``epoch`` (0-based).
@@ -259,11 +240,12 @@ def _csv_text(rows: list[dict[str, str]]) -> str:
 def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_dir: Path, best: Path, last: Path,
                 out_dir: Path, reports_dir: Path, transfer_report: dict[str, Any] | None,
                 frozen_by_epoch: dict[int, list[str]], group_params: dict[str, int],
-                resume_epoch: int | None, extra_figures: Sequence[Path] = ()) -> TrainResult:
+                resume_epoch: int | None, extra_figures: Sequence[Path] = (),
+                notes: Sequence[str] = ()) -> TrainResult:
     """Copy a finished run's weights and reports into the stage outputs (atomically, file by file).
 
     Outputs: ``out_dir/{best,last}.pt`` and ``params.yaml``; ``reports_dir/{transfer,summary,metrics}.json``,
-    ``results.csv``, ``live/`` (DVCLive) and ``figures/``.
+    ``results.csv``, ``live/`` (DVCLive) and ``figures/``. ``notes`` (what the family ignored) go into transfer.json.
     """
     import shutil
 
@@ -279,6 +261,8 @@ def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_d
                       + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     transfer = transfer_summary(pretrained, transfer_report, frozen_by_epoch, group_params, tp.strategy,
                                 tp.backbone_lr_mult)
+    if notes:
+        transfer["notes"] = list(notes)
     reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(reports_dir / "transfer.json", transfer)
     results = run_dir / "results.csv"

@@ -1,0 +1,78 @@
+"""Faster R-CNN initial weights: torchvision's COCO_V1 checkpoints as named assets (pipeline/assets.py: the same
+resolver, mirror and checks as YOLO's), or a user file. Both are read with torch's safe loader, which cannot run
+code: a state dict, or a dict with a ``model`` state dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pipeline import assets
+from pipeline.errors import AssetError, ConfigError
+from pipeline.families.frcnn import FrcnnFamily
+from pipeline.fileio import sha256_file
+from pipeline.train.common import PretrainedSource, pretrained_unavailable
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainParams
+
+
+def _state_from_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file via torch's safe loader (no code can run): a state dict or ``{'model': ...}``."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a full-module pickle, a corrupt/truncated file, not a torch file at all
+        raise AssetError(f"could not read weights {path} with torch.load(weights_only=True): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Expected a state dict "
+                         "or a dict with a 'model' state dict (full pickled modules are refused).") from e
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise AssetError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise AssetError(f"{path}: no tensors found")
+    return state
+
+
+def resolve_frcnn_pretrained(tp: TrainParams, raw_dir: Path = Path("data/raw"), mirrors: Sequence[Path] | None = None,
+                             trust: bool = False,
+                             progress: bool = False) -> tuple[PretrainedSource, dict[str, torch.Tensor] | None]:
+    """Initial weights per ``train.pretrained``.
+
+    ``none``: scratch. ``coco``/``auto``: the model's COCO asset through :func:`pipeline.assets.resolve` (raw folder,
+    mirror ``weights/<file>``, download), verified there; unavailable: ``coco`` raises, ``auto`` trains from scratch
+    with a loud note. A path: loaded with the safe loader; ``pretrained_sha256`` must match when set.
+    """
+    mode = tp.pretrained
+    if mode == "none":
+        return PretrainedSource(kind="none", source="none (from scratch, as configured)"), None
+    if mode in ("coco", "auto"):
+        name = FrcnnFamily.coco_assets.get(tp.model)
+        if name is None:
+            return pretrained_unavailable(mode, tp.model, f"no COCO checkpoint is known for {tp.model}"), None
+        try:
+            path = assets.resolve(name, raw_dir=raw_dir, mirrors=mirrors, trust=trust, progress=progress)
+            state = _state_from_file(path)
+        except AssetError as e:
+            return pretrained_unavailable(mode, tp.model, e), None
+        return PretrainedSource(kind="coco", source=f"{name} ({assets.ASSETS[name].url})", path=str(path),
+                                sha256=sha256_file(path)), state
+    path = Path(mode)
+    if not path.is_file():
+        raise ConfigError(f"train.pretrained {mode!r} is not a file; expected one of: auto, coco, none, or a path")
+    sha = sha256_file(path)
+    expected = tp.pretrained_sha256.strip().lower() if tp.pretrained_sha256 else None
+    if expected is not None and expected != sha:
+        raise AssetError(f"refusing to use {path}: sha256 mismatch - train.pretrained_sha256 is {expected}, "
+                         f"the file's is {sha}. Fetch the right file or fix the pinned checksum.")
+    return PretrainedSource(kind="path", source=str(path), path=str(path), sha256=sha), _state_from_file(path)
+
+
+def transferable_params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Learnable parameters that will receive pretrained values (same name and shape)."""
+    return [n for n, p in model.named_parameters() if n in state and tuple(state[n].shape) == tuple(p.shape)]
