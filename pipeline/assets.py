@@ -153,24 +153,6 @@ ASSETS: dict[str, Asset] = {
             "layers 0-23 transfer into Ultralytics yolov5n.yaml, the anchor-based head does not"
         ),
     ),
-    "yolo11n-coco": Asset(
-        name="yolo11n-coco",
-        kind="file",
-        url="https://github.com/ultralytics/assets/releases/download/v8.3.0/yolo11n.pt",
-        sha256=None,
-        license="AGPL-3.0",
-        mirror_path="weights/yolo11n.pt",
-        description="Ultralytics YOLO11n COCO checkpoint (official name, for users with internet; not pinned)",
-    ),
-    "yolo11s-coco": Asset(
-        name="yolo11s-coco",
-        kind="file",
-        url="https://github.com/ultralytics/assets/releases/download/v8.3.0/yolo11s.pt",
-        sha256=None,
-        license="AGPL-3.0",
-        mirror_path="weights/yolo11s.pt",
-        description="Ultralytics YOLO11s COCO checkpoint (official name, for users with internet; not pinned)",
-    ),
 }
 
 
@@ -190,7 +172,24 @@ def _torchvision_coco(model: str, file_name: str, params_m: float, box_map: floa
     )
 
 
+def _ultralytics_unpinned(model: str) -> Asset:
+    """An official Ultralytics COCO checkpoint under its release URL, for users with internet; its sha256 is not
+    pinned here, so it is used only with ``--trust``."""
+    return Asset(
+        name=f"{model}-coco",
+        kind="file",
+        url=f"https://github.com/ultralytics/assets/releases/download/v8.3.0/{model}.pt",
+        sha256=None,
+        license="AGPL-3.0",
+        mirror_path=f"weights/{model}.pt",
+        description=f"Ultralytics {model.replace('yolo', 'YOLO')} COCO checkpoint (official name, for users with "
+                    "internet; not pinned)",
+    )
+
+
 ASSETS.update({a.name: a for a in (
+    _ultralytics_unpinned("yolo11n"),
+    _ultralytics_unpinned("yolo11s"),
     _torchvision_coco("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth",
                       19.4, 32.8),
     _torchvision_coco("fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -457,17 +456,24 @@ def _unavailable(asset: Asset, raw_dir: Path, tried: list[str]) -> AssetError:
     return AssetError("\n".join(lines), summary=f"{head} Tried: {'; '.join(tried)}")
 
 
-def _resolve(
+def resolve(
     name: str,
     *,
-    raw_dir: str | os.PathLike[str],
-    mirrors: Sequence[str | os.PathLike[str]] | None,
-    download: bool,
-    trust: bool,
-    progress: bool,
-    timeout: float,
-    materialise: bool,
+    raw_dir: str | os.PathLike[str] = DEFAULT_RAW_DIR,
+    mirrors: Sequence[str | os.PathLike[str]] | None = None,
+    download: bool = True,
+    trust: bool = False,
+    progress: bool = True,
+    timeout: float = CONNECT_TIMEOUT_S,
+    materialise: bool = False,
 ) -> Path:
+    """Path to a verified copy of asset ``name``: from ``raw_dir``, else a mirror (used in place), else a download.
+
+    ``mirrors=None`` reads ``$DETFLOW_ASSETS``; an explicit list (even empty) replaces it. Pinned assets are always
+    checksum-verified and ``trust`` does not change that; an asset without a pinned sha256 is refused unless
+    ``trust=True``. Raises :class:`AssetError` naming what was tried, why each failed, and the three remedies.
+    ``materialise=True`` copies a mirror hit under ``raw_dir`` (what :func:`fetch` does).
+    """
     asset = get_asset(name)
     _require_trust(asset, trust)
     raw_dir = Path(raw_dir)
@@ -510,56 +516,11 @@ def _resolve(
     raise _unavailable(asset, raw_dir, tried)
 
 
-def resolve(
-    name: str,
-    *,
-    raw_dir: str | os.PathLike[str] = DEFAULT_RAW_DIR,
-    mirrors: Sequence[str | os.PathLike[str]] | None = None,
-    download: bool = True,
-    trust: bool = False,
-    progress: bool = True,
-    timeout: float = CONNECT_TIMEOUT_S,
-) -> Path:
-    """Path to a verified copy of asset ``name``: from ``raw_dir``, else a mirror (used in place), else a download.
-
-    ``mirrors=None`` reads ``$DETFLOW_ASSETS``; an explicit list (even empty) replaces it. Pinned assets are always
-    checksum-verified and ``trust`` does not change that; an asset without a pinned sha256 is refused unless
-    ``trust=True``. Raises :class:`AssetError` naming what was tried, why each failed, and the three remedies.
-    """
-    return _resolve(
-        name,
-        raw_dir=raw_dir,
-        mirrors=mirrors,
-        download=download,
-        trust=trust,
-        progress=progress,
-        timeout=timeout,
-        materialise=False,
-    )
-
-
-def fetch(
-    name: str,
-    raw_dir: str | os.PathLike[str] = DEFAULT_RAW_DIR,
-    mirrors: Sequence[str | os.PathLike[str]] | None = None,
-    *,
-    download: bool = True,
-    trust: bool = False,
-    progress: bool = True,
-    timeout: float = CONNECT_TIMEOUT_S,
-) -> Path:
-    """Like :func:`resolve`, but the result always lies under ``raw_dir/<name>`` (copied atomically from a mirror
-    if that is where it was found), ready for ``dvc add data/raw/<name>``."""
-    return _resolve(
-        name,
-        raw_dir=raw_dir,
-        mirrors=mirrors,
-        download=download,
-        trust=trust,
-        progress=progress,
-        timeout=timeout,
-        materialise=True,
-    )
+def fetch(name: str, raw_dir: str | os.PathLike[str] = DEFAULT_RAW_DIR,
+          mirrors: Sequence[str | os.PathLike[str]] | None = None, **options: Any) -> Path:
+    """Like :func:`resolve` (same keyword options), but the result always lies under ``raw_dir/<name>`` (copied
+    atomically from a mirror if that is where it was found), ready for ``dvc add data/raw/<name>``."""
+    return resolve(name, raw_dir=raw_dir, mirrors=mirrors, materialise=True, **options)
 
 
 def list_assets(

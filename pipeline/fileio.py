@@ -25,7 +25,8 @@ from typing import Any
 _TAGS = ("tmp", "staging", "old")
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename is durable only once its folder is flushed)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -74,7 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
     return path
 
 
@@ -103,11 +104,11 @@ def _roll_forward(journal: Path) -> None:
             old = _temp_sibling(target, "old")
             os.replace(target, old)
         os.replace(staged, target)
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
         if old is not None:
             _remove(old)
     journal.unlink()
-    _fsync_dir(base)
+    _fsync(base)
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|staging|old)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
@@ -181,17 +182,8 @@ def atomic_outputs(*targets: str | os.PathLike[str]) -> Iterator[tuple[Path, ...
 
 def _fsync_tree(path: Path) -> None:
     """Flush a staged file or folder to disk before it is committed (a power cut must not publish empty files)."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        with contextlib.suppress(OSError):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    if path.is_dir():
-        for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
-            _fsync_dir(d)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        _fsync(p)  # files and folders alike
 
 
 @contextlib.contextmanager

@@ -364,57 +364,65 @@ def _slice_dataset(
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = FIXED_DATE
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = FIXED_TIME
-    ds.AccessionNumber = ""
-    ds.Modality = "CT"
-    ds.Manufacturer = "detflow synthetic phantom"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Synthetic chest CT phantom"
-    ds.SeriesDescription = "Axial lung nodule phantom"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.PatientIdentityRemoved = "YES"
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = SLICE_THICKNESS_MM
-    ds.KVP = 120
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = patient_id.rsplit("-", 1)[-1]
-    ds.SeriesNumber = 1
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = slice_index + 1
     origin = -pixel_spacing * (size - 1) / 2.0
     z = slice_index * SLICE_THICKNESS_MM
-    ds.ImagePositionPatient = [round(origin, 4), round(origin, 4), z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = z
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = size
-    ds.Columns = size
-    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.BurnedInAnnotation = "NO"
-    ds.WindowCenter = -600
-    ds.WindowWidth = 1500
-    ds.RescaleIntercept = RESCALE_INTERCEPT
-    ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
+    tags: dict[str, object] = {
+        "SpecificCharacterSet": "ISO_IR 100",
+        "ImageType": ["DERIVED", "SECONDARY", "AXIAL"],
+        "SOPClassUID": CTImageStorage,
+        "SOPInstanceUID": sop_uid,
+        "StudyDate": FIXED_DATE,
+        "SeriesDate": FIXED_DATE,
+        "ContentDate": FIXED_DATE,
+        "StudyTime": FIXED_TIME,
+        "SeriesTime": FIXED_TIME,
+        "ContentTime": FIXED_TIME,
+        "AccessionNumber": "",
+        "Modality": "CT",
+        "Manufacturer": "detflow synthetic phantom",
+        "ReferringPhysicianName": "",
+        "StudyDescription": "Synthetic chest CT phantom",
+        "SeriesDescription": "Axial lung nodule phantom",
+        "PatientName": patient_name,
+        "PatientID": patient_id,
+        "PatientBirthDate": "",
+        "PatientSex": "O",
+        "PatientIdentityRemoved": "YES",
+        "BodyPartExamined": "CHEST",
+        "SliceThickness": SLICE_THICKNESS_MM,
+        "KVP": 120,
+        "PatientPosition": "HFS",
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": series_uid,
+        "StudyID": patient_id.rsplit("-", 1)[-1],
+        "SeriesNumber": 1,
+        "AcquisitionNumber": 1,
+        "InstanceNumber": slice_index + 1,
+        "ImagePositionPatient": [round(origin, 4), round(origin, 4), z],
+        "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+        "FrameOfReferenceUID": frame_uid,
+        "PositionReferenceIndicator": "",
+        "SliceLocation": z,
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": size,
+        "Columns": size,
+        "PixelSpacing": [pixel_spacing, pixel_spacing],
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": 1,
+        "BurnedInAnnotation": "NO",
+        "WindowCenter": -600,
+        "WindowWidth": 1500,
+        "RescaleIntercept": RESCALE_INTERCEPT,
+        "RescaleSlope": 1,
+        "RescaleType": "HU",
+    }
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword, value in tags.items():  # pydicom writes elements in tag order, whatever the order here
+        setattr(ds, keyword, value)
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
     return ds
 

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pipeline import assets
-from pipeline.errors import AssetError, ConfigError
+from pipeline.errors import AssetError
 from pipeline.families.frcnn import FrcnnFamily
 from pipeline.fileio import sha256_file
-from pipeline.train.common import PretrainedSource, pretrained_unavailable
+from pipeline.train.common import PretrainedSource, resolve_initial_weights
 
 if TYPE_CHECKING:
     from pipeline.config import TrainParams
@@ -48,29 +47,13 @@ def resolve_frcnn_pretrained(tp: TrainParams, raw_dir: Path = Path("data/raw"), 
     mirror ``weights/<file>``, download), verified there; unavailable: ``coco`` raises, ``auto`` trains from scratch
     with a loud note. A path: loaded with the safe loader; ``pretrained_sha256`` must match when set.
     """
-    mode = tp.pretrained
-    if mode == "none":
-        return PretrainedSource(kind="none", source="none (from scratch, as configured)"), None
-    if mode in ("coco", "auto"):
-        name = FrcnnFamily.coco_assets.get(tp.model)
-        if name is None:
-            return pretrained_unavailable(mode, tp.model, f"no COCO checkpoint is known for {tp.model}"), None
-        try:
-            path = assets.resolve(name, raw_dir=raw_dir, mirrors=mirrors, trust=trust, progress=progress)
-            state = _state_from_file(path)
-        except AssetError as e:
-            return pretrained_unavailable(mode, tp.model, e), None
-        return PretrainedSource(kind="coco", source=f"{name} ({assets.ASSETS[name].url})", path=str(path),
-                                sha256=sha256_file(path)), state
-    path = Path(mode)
-    if not path.is_file():
-        raise ConfigError(f"train.pretrained {mode!r} is not a file; expected one of: auto, coco, none, or a path")
-    sha = sha256_file(path)
-    expected = tp.pretrained_sha256.strip().lower() if tp.pretrained_sha256 else None
-    if expected is not None and expected != sha:
-        raise AssetError(f"refusing to use {path}: sha256 mismatch - train.pretrained_sha256 is {expected}, "
-                         f"the file's is {sha}. Fetch the right file or fix the pinned checksum.")
-    return PretrainedSource(kind="path", source=str(path), path=str(path), sha256=sha), _state_from_file(path)
+    def load(path: Path, expected: str | None) -> dict[str, torch.Tensor]:
+        if expected is not None and (sha := sha256_file(path)) != expected.strip().lower():
+            raise AssetError(f"refusing to use {path}: sha256 mismatch - train.pretrained_sha256 is {expected}, "
+                             f"the file's is {sha}. Fetch the right file or fix the pinned checksum.")
+        return _state_from_file(path)
+
+    return resolve_initial_weights(tp, FrcnnFamily.coco_assets, load, raw_dir, mirrors, trust, progress)
 
 
 def transferable_params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

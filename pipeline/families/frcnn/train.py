@@ -36,17 +36,7 @@ from pipeline.families.frcnn.loop import (
 from pipeline.families.frcnn.model import build_frcnn
 from pipeline.families.frcnn.pretrained import resolve_frcnn_pretrained, transferable_params
 from pipeline.fileio import atomic_write_json, atomic_write_text
-from pipeline.train.common import (
-    PretrainedSource,
-    TrainResult,
-    check_prepared,
-    cpu_threads,
-    frozen_groups_at,
-    publish_run,
-    resolve_device,
-    run_fingerprint,
-    validate_schedule,
-)
+from pipeline.train import common
 from pipeline.train.weights_import import transfer_state_dict
 
 if TYPE_CHECKING:
@@ -139,7 +129,7 @@ def _seed_all(seed: int) -> None:
 
 def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
                 raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None, trust: bool = False,
-                progress: bool = True, on_epoch_end: Callable[[EpochEnd], None] | None = None) -> TrainResult:
+                progress: bool = True, on_epoch_end: Callable[[EpochEnd], None] | None = None) -> common.TrainResult:
     """Fine-tune a torchvision Faster R-CNN on the prepared dataset; write best/last weights and reports.
 
     ``trust`` admits COCO weights without a pinned checksum (see :func:`resolve_frcnn_pretrained`).
@@ -148,9 +138,9 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     tp = params.train
     if tp.family != FrcnnFamily.name:
         raise ConfigError(f"train_frcnn got train.family={tp.family!r}")
-    validate_schedule(tp)
-    device = _device(resolve_device(tp.device))
-    info = check_prepared(prepared)
+    common.validate_schedule(tp)
+    device = _device(common.resolve_device(tp.device))
+    info = common.check_prepared(prepared)
     train_doc = json.loads((prepared / "coco" / "train.json").read_text())
     val_doc = json.loads((prepared / "coco" / "val.json").read_text())
     classes = _classes(prepared, info, train_doc)
@@ -158,7 +148,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     pretrained, state = resolve_frcnn_pretrained(tp, raw_dir, mirrors, trust, progress)
     if pretrained.note:
         log.warning(pretrained.note)
-    fingerprint = run_fingerprint(tp, info["manifest_sha256"], pretrained.sha256)
+    fingerprint = common.run_fingerprint(tp, info["manifest_sha256"], pretrained.sha256)
     run_dir = (workdir / f"frcnn-{fingerprint}").resolve()
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     ckpt = load_resumable(last, fingerprint, tp.epochs) if tp.resume == "auto" else None
@@ -182,7 +172,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     use_cuda = device.type == "cuda"
     workers = tp.workers if use_cuda else 0
     if not use_cuda:
-        torch.set_num_threads(cpu_threads(tp.cpu_threads))
+        torch.set_num_threads(common.cpu_threads(tp.cpu_threads))
     gen = torch.Generator()
     train_ds = CocoDetection(prepared, prepared / "coco" / "train.json", build_transforms(tp, train=True))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))
@@ -215,7 +205,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
         for epoch in range(start_epoch, tp.epochs):
             _seed_all(tp.seed + 1 + epoch)  # per-epoch streams: a resumed run draws what an uninterrupted one would
             gen.manual_seed(tp.seed + 1 + epoch)
-            groups = frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
+            groups = common.frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
             apply_freeze(model, groups)
             set_train_mode(model, groups)
             st.frozen_by_epoch[epoch] = list(groups)
@@ -262,15 +252,15 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params)
 
 
-def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
-            start_epoch: int, st: RunState, group_params: dict[str, int]) -> TrainResult:
-    """Publish the run through the shared ``publish_run`` (as the yolo family does), with frcnn's notes."""
+def _finish(params: Params, pretrained: common.PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
+            start_epoch: int, st: RunState, group_params: dict[str, int]) -> common.TrainResult:
+    """Publish the run through the shared ``common.publish_run`` (as the yolo family does), with frcnn's notes."""
     last = run_dir / "last.pt"
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else last
     notes = ["train.nominal_batch is ignored by the frcnn family (no gradient accumulation)"]
     if params.train.augment.mosaic:
         notes.insert(0, "augment.mosaic is ignored by the frcnn family (no mosaic augmentation for Faster R-CNN)")
-    return publish_run(family=FrcnnFamily.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
+    return common.publish_run(family=FrcnnFamily.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=last, out_dir=out_dir, reports_dir=reports_dir, transfer_report=st.transfer_report,
                        frozen_by_epoch=st.frozen_by_epoch, group_params=group_params,
                        resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes)

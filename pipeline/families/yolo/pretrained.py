@@ -7,11 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import assets
-from pipeline.errors import AssetError, ConfigError
+from pipeline.errors import AssetError
 from pipeline.families.yolo import YoloFamily
-from pipeline.fileio import sha256_file
-from pipeline.train.common import PretrainedSource, pretrained_unavailable
+from pipeline.train.common import PretrainedSource, resolve_initial_weights
 from pipeline.train.weights_import import UnsafeCheckpointError, load_yolov5_state_dict
 from pipeline.ultralytics_env import import_ultralytics
 
@@ -41,23 +39,6 @@ def resolve_pretrained(tp: TrainParams, raw_dir: Path, mirrors: list[Path] | Non
                        trust: bool) -> tuple[PretrainedSource, dict[str, torch.Tensor] | None]:
     """Initial weights: none, the model's COCO checkpoint (a named asset, resolved and verified by
     :func:`pipeline.assets.resolve`), or a path (checked against ``train.pretrained_sha256``)."""
-    mode = tp.pretrained
-    if mode == "none":
-        return PretrainedSource(kind="none", source="none (from scratch, as configured)"), None
-    if mode in ("coco", "auto"):
-        name = YoloFamily.coco_assets.get(tp.model)
-        if name is None:
-            return pretrained_unavailable(mode, tp.model, f"no COCO checkpoint is known for {tp.model} "
-                                          f"(known: {', '.join(YoloFamily.coco_assets)})"), None
-        try:
-            path = assets.resolve(name, raw_dir=raw_dir, mirrors=mirrors, trust=trust)
-            state = load_checkpoint_state(path, assets.ASSETS[name].sha256, trust)
-        except AssetError as e:
-            return pretrained_unavailable(mode, tp.model, e), None
-        return PretrainedSource(kind="coco", source=f"{name} ({assets.ASSETS[name].url})", path=str(path),
-                                sha256=sha256_file(path)), state
-    path = Path(mode)
-    if not path.is_file():
-        raise ConfigError(f"train.pretrained {mode!r} is not a file; expected one of: auto, coco, none, or a path")
-    state = load_checkpoint_state(path, tp.pretrained_sha256, trust)
-    return PretrainedSource(kind="path", source=str(path), path=str(path), sha256=sha256_file(path)), state
+    return resolve_initial_weights(tp, YoloFamily.coco_assets,
+                                   lambda path, expected: load_checkpoint_state(path, expected, trust),
+                                   raw_dir, mirrors, trust)
