@@ -140,8 +140,7 @@ def train(
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=_progress(quiet))
     t = result.transfer
-    if t.get("WARNING"):
-        typer.secho(f"WARNING: {t['WARNING']}", err=True, fg="yellow")
+    # a scratch fallback's WARNING was logged by the family's trainer already (stderr): not repeated here
     resumed = f", resumed at epoch {result.start_epoch}" if result.resumed else ""
     typer.echo(f"train: {result.family}/{result.model} {result.epochs_run} epochs{resumed}; pretrained "
                f"{t['source']} ({t.get('tensors_transferred', 0)} tensors transferred); "
