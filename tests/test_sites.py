@@ -178,3 +178,20 @@ def test_replaces_destination_and_reports_bad_input(prepared: Path, tmp_path: Pa
         Magnification(0.0)
     with pytest.raises(ConfigError, match="strength"):
         Stain(strength=1.5)
+
+
+def test_magnified_copy_states_its_new_pixel_spacing(prepared: Path, tmp_path: Path) -> None:
+    """x1.6 objects = each pixel covers 1/1.6 of the field: the copy must not claim the source's spacing."""
+    src = tmp_path / "with_spacing"
+    import shutil
+
+    shutil.copytree(prepared, src)
+    info = json.loads((src / "prepare_info.json").read_text())
+    info["pixel_spacing"] = {"unit": "mm", "source": "PixelSpacing", "median": 0.8, "min": 0.8, "max": 0.8}
+    (src / "prepare_info.json").write_text(json.dumps(info))
+    write_shifted_copy(src, tmp_path / "zoom", Magnification(1.6))
+    write_shifted_copy(src, tmp_path / "stain", Stain())
+    zoomed = json.loads((tmp_path / "zoom" / "prepare_info.json").read_text())["pixel_spacing"]
+    stained = json.loads((tmp_path / "stain" / "prepare_info.json").read_text())["pixel_spacing"]
+    assert zoomed == {"unit": "mm", "source": "PixelSpacing", "median": 0.5, "min": 0.5, "max": 0.5}
+    assert stained == info["pixel_spacing"]

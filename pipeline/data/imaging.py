@@ -47,6 +47,7 @@ class LoadedImage:
     suffix: str = ".png"
     window: tuple[float, float] | None = None  # DICOM window (center, width) actually applied
     orientation: int = 1  # EXIF Orientation applied to reach upright pixels (1: none); see :func:`orient_boxes`
+    pixel_spacing: float | None = None  # DICOM PixelSpacing in mm per pixel (None: not stated); see SpacedImage
 
     @property
     def width(self) -> int:
@@ -55,6 +56,50 @@ class LoadedImage:
     @property
     def height(self) -> int:
         return int(self.rgb.shape[0])
+
+
+class SpacedImage(np.ndarray):
+    """An RGB array that carries the pixel spacing (mm per pixel) its DICOM file stated.
+
+    The spacing travels with the pixels through every path that passes decoded arrays on (batch inference, the
+    service's micro-batcher, ``OnnxDetector.predict``) without changing their signatures, so the one
+    pre-processing (:func:`pipeline.infer.processing.preprocess`) can bring the image to the training spacing.
+    Slices keep it (a crop has the same spacing); a resized copy made with OpenCV is a plain array again.
+    """
+
+    pixel_spacing: float | None
+
+    def __array_finalize__(self, obj: object) -> None:
+        self.pixel_spacing = getattr(obj, "pixel_spacing", None)
+
+
+def with_spacing(rgb: np.ndarray, spacing: float | None) -> np.ndarray:
+    """``rgb`` as a :class:`SpacedImage` when ``spacing`` is known, else unchanged."""
+    if spacing is None:
+        return rgb
+    out = rgb.view(SpacedImage)
+    out.pixel_spacing = float(spacing)
+    return out
+
+
+def pixel_spacing_of(rgb: np.ndarray) -> float | None:
+    """The spacing (mm per pixel) a decoded image carries, None when its file stated none."""
+    return getattr(rgb, "pixel_spacing", None)
+
+
+def dicom_pixel_spacing(ds: object) -> float | None:
+    """One spacing in mm per pixel from ``PixelSpacing`` (else ``ImagerPixelSpacing``): the geometric mean of the
+    row and column spacing (the area-preserving value; the letterbox keeps the aspect ratio, so an anisotropic
+    pixel cannot be corrected by it). None when absent or not two positive numbers."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = getattr(ds, tag, None)
+        try:
+            rows, cols = (float(v) for v in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            continue
+        if rows > 0 and cols > 0 and np.isfinite(rows) and np.isfinite(cols):
+            return float(np.sqrt(rows * cols))
+    return None
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -146,7 +191,8 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
                 f"(e.g. pylibjpeg or gdcm): {str(e).splitlines()[0]}",
             ) from None
         raise ImageLoadError("corrupt_dicom", f"pixel data cannot be read: {str(e).splitlines()[0]}") from None
-    return LoadedImage(rgb=rgb, conversions=[], window=used)
+    spacing = dicom_pixel_spacing(ds)
+    return LoadedImage(rgb=with_spacing(rgb, spacing), conversions=[], window=used, pixel_spacing=spacing)
 
 
 def _complete_stream(data: bytes, fmt: str | None) -> bool:

@@ -292,7 +292,8 @@ def prepare_dataset(
         raise DataError(failure)
     info = {**provenance, "format": fmt, "classes": classes, "split_mode": split_mode,
             "dicom_window": ("params" if isinstance(params.data.window, tuple | list) else "file tags")
-            if windows else None, "dicom_windows_used": [list(w) for w in windows]}
+            if windows else None, "dicom_windows_used": [list(w) for w in windows],
+            "pixel_spacing": _spacing_summary([k[2].pixel_spacing for k in kept])}
     manifest = _manifest(images)
     digest = hashlib.sha256(manifest.encode()).hexdigest()
     report = {"status": "ok", "manifest_sha256": digest, **report}
@@ -303,6 +304,17 @@ def prepare_dataset(
     return PrepareResult(out_dir=out_dir, report=report, n_images=len(images),
                          n_boxes=int(sum(len(i.boxes) for i in images)),
                          split_counts=dict(Counter(i.split for i in images)))
+
+
+def _spacing_summary(spacings: list[float | None]) -> dict | None:
+    """The dataset's pixel spacing from its DICOM tags (the model card's training spacing, which inference and
+    `detflow adapt` bring other sites' images to); None when no image stated one (JPEG/PNG sources)."""
+    known = [s for s in spacings if s is not None]
+    if not known:
+        return None
+    return {"unit": "mm", "source": "DICOM PixelSpacing", "median": round(float(np.median(known)), 6),
+            "min": round(min(known), 6), "max": round(max(known), 6), "n_images": len(known),
+            "n_without": len(spacings) - len(known)}
 
 
 def _manifest_sha256_of(out_dir: Path) -> str | None:

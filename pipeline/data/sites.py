@@ -228,6 +228,11 @@ def write_shifted_copy(src: str | Path, dst: str | Path, transform: Transform, s
     shift_block = {**described, "seed": seed, "source": str(src),
                    "source_manifest_sha256": info.get("manifest_sha256"), **totals}
     new_info = {**info, "manifest_sha256": digest, "shift": shift_block}
+    spacing = info.get("pixel_spacing")
+    if isinstance(transform, Magnification) and isinstance(spacing, dict):
+        # objects xf in pixels: each pixel now covers 1/f of what it did (a change of field of view)
+        new_info["pixel_spacing"] = {k: (round(v / transform.factor, 6) if k in ("median", "min", "max")
+                                         and isinstance(v, int | float) else v) for k, v in spacing.items()}
     with atomic_directory(dst) as stage:
         _write_dataset(stage, images, classes, new_info, manifest)
     return ShiftedCopySummary(out_dir=dst, n_images=len(images), transform=described, **totals)

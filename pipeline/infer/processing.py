@@ -8,12 +8,19 @@ numpy + OpenCV only (no torch), so the serving image can import it. The letterbo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 PAD_VALUE = 114
+MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
+"""Bounds of the letterbox size factor (x imgsz) that site adaptation may ask for: below, objects vanish; above,
+one image costs 16x the compute of the training size."""
+SPACING_TOLERANCE = 0.01
+"""A physical factor within 1 % of 1 is 1: the same site, letterboxed exactly as in training."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,13 @@ def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
     """The smallest stride-multiple (H, W) holding the image scaled so its long side is ``size``.
 
     Ultralytics' ``LetterBox(auto=True)`` (what its predictor uses for dynamic-shape models): a 640x480 image at
-    416 becomes 416x320 instead of 416x416, 23 % fewer pixels for the same boxes.
+    416 becomes 416x320 instead of 416x416, 23 % fewer pixels for the same boxes. A ``size`` that is not a stride
+    multiple (an adapted card's ``imgsz x factor``) is padded up to the next multiple.
     """
     scale = min(size / h, size / w)
     new_h, new_w = int(round(h * scale)), int(round(w * scale))
-    return (min(size, -(-new_h // stride) * stride), min(size, -(-new_w // stride) * stride))
+    cap = -(-size // stride) * stride
+    return (min(cap, -(-new_h // stride) * stride), min(cap, -(-new_w // stride) * stride))
 
 
 def letterbox(rgb: np.ndarray, size: int, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, LetterboxMeta]:
@@ -79,19 +88,97 @@ def to_tensor(batch_hwc: list[np.ndarray], dtype: type = np.float32,
     return out
 
 
+def _positive(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How large an image is letterboxed: ``imgsz x factor`` instead of ``imgsz`` (site adaptation, see
+    ``pipeline/adapt.py``). Resizing a whole image changes nothing the model sees (the letterbox brings every image
+    to one size); what changes object sizes in model pixels is the letterbox target, so that is the one knob.
+
+    ``factor = scale x physical``. ``scale``: object-scale calibration (``detflow adapt``). ``physical``: the
+    image's field of view over the training one, ``(spacing x long side) / (train_spacing x train_long_side)``, so
+    an object of a given size in mm (or um) covers as many model pixels as in training; the spacing is the image's
+    own (DICOM ``PixelSpacing``, carried by :class:`pipeline.data.imaging.SpacedImage`), else ``pixel_size`` (the
+    adapted card's, for microscopy with a known pixel size); 1 when either side's spacing is unknown. Boxes map back
+    to the original pixels through :class:`LetterboxMeta` as always.
+    """
+
+    scale: float = 1.0
+    train_spacing: float | None = None
+    train_long_side: float | None = None
+    pixel_size: float | None = None
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> InputScaling:
+        """The scaling a model card asks for; ValueError on a malformed value. A card without an ``adaptation``
+        block and without a training spacing gives the identity (every existing card)."""
+        inp = card.get("input") or {}
+        spacing = inp.get("pixel_spacing") or {}
+        adaptation = card.get("adaptation") or {}
+        if not isinstance(spacing, dict) or not isinstance(adaptation, dict):
+            raise ValueError("input.pixel_spacing and adaptation must be objects")
+        train_spacing = _positive(adaptation.get("train_pixel_size") or spacing.get("value"), "training pixel spacing")
+        long_side = _positive((card.get("training_data") or {}).get("image_long_side_px"), "image_long_side_px")
+        scale = _positive(adaptation.get("input_scale", 1.0), "adaptation.input_scale")
+        out = cls(scale=scale or 1.0, train_spacing=train_spacing, train_long_side=long_side,
+                  pixel_size=_positive(adaptation.get("pixel_size"), "adaptation.pixel_size"))
+        if not MIN_FACTOR <= out.scale <= MAX_FACTOR:
+            raise ValueError(f"adaptation.input_scale {out.scale} is outside [{MIN_FACTOR}, {MAX_FACTOR}]")
+        return out
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and (self.train_spacing is None or self.train_long_side is None)
+
+    def physical(self, h: int, w: int, spacing: float | None = None) -> float:
+        """The field-of-view factor for one image (1 when a spacing is unknown or within 1 % of training)."""
+        spacing = spacing if spacing is not None else self.pixel_size
+        if spacing is None or self.train_spacing is None or self.train_long_side is None:
+            return 1.0
+        f = (spacing * max(h, w)) / (self.train_spacing * self.train_long_side)
+        return 1.0 if abs(f - 1.0) <= SPACING_TOLERANCE else f
+
+    def factor(self, h: int, w: int, spacing: float | None = None) -> float:
+        """``imgsz`` multiplier for one image, clipped to [MIN_FACTOR, MAX_FACTOR]."""
+        return min(max(self.scale * self.physical(h, w, spacing), MIN_FACTOR), MAX_FACTOR)
+
+
+def target_size(im: np.ndarray, size: int, scaling: InputScaling | None, fixed: bool, stride: int = 0) -> int:
+    """The letterbox target (long side, model pixels) of one image: ``size`` x its factor.
+
+    ``fixed`` (a square graph input of ``size``, Faster R-CNN): the image is letterboxed smaller and padded back to
+    ``size``, so factors above 1 are capped at 1 (magnifying would need tiling, which detflow does not do).
+    """
+    if scaling is None or scaling.identity and getattr(im, "pixel_spacing", None) is None:
+        return size
+    f = scaling.factor(im.shape[0], im.shape[1], getattr(im, "pixel_spacing", None))
+    out = max(int(round(size * f)), stride or 8)
+    return min(out, size) if fixed else out
+
+
 def preprocess(images: list[np.ndarray], size: int, dtype: type = np.float32, stride: int = 0,
-               buffers: dict[tuple, np.ndarray] | None = None) -> tuple[np.ndarray, list[LetterboxMeta]]:
+               buffers: dict[tuple, np.ndarray] | None = None,
+               scaling: InputScaling | None = None) -> tuple[np.ndarray, list[LetterboxMeta]]:
     """Letterbox a batch into one NCHW tensor.
 
     ``stride`` 0: every image padded to ``size`` x ``size`` (fixed-shape models: Faster R-CNN). ``stride`` > 0
     (dynamic-shape YOLO): minimal padding, to the smallest stride multiple that holds every image of the batch.
-    ``buffers``: see :func:`to_tensor` (the returned tensor is then overwritten by the next call).
+    ``buffers``: see :func:`to_tensor` (the returned tensor is then overwritten by the next call). ``scaling``: the
+    card's site adaptation (:class:`InputScaling`); each image is letterboxed to its own target inside that shape.
     """
-    shape = None
+    targets = [target_size(im, size, scaling, fixed=not stride, stride=stride) for im in images]
+    shape = (size, size)
     if stride:
-        shapes = [rect_shape(im.shape[0], im.shape[1], size, stride) for im in images]
+        shapes = [rect_shape(im.shape[0], im.shape[1], t, stride) for im, t in zip(images, targets, strict=True)]
         shape = (max(s[0] for s in shapes), max(s[1] for s in shapes))
-    boxed = [letterbox(im, size, shape) for im in images]
+    boxed = [letterbox(im, t, shape) for im, t in zip(images, targets, strict=True)]
     return to_tensor([b for b, _ in boxed], dtype, buffers), [m for _, m in boxed]
 
 
