@@ -3,7 +3,7 @@
 What one run does, in order (``training_pipeline``)::
 
     validate overrides -> params.yaml (temporarily) -> [dvc pull] -> fetch assets
-      -> dvc repro -s phantom | prepare | train | evaluate | export | infer   (one task each, DAG order)
+      -> dvc repro -s phantom | prepare | train | evaluate | export | infer | external   (one task each, DAG order)
       -> [dvc push] -> markdown report artifact -> register + promote in models/registry
 
 Decisions
@@ -20,7 +20,9 @@ Decisions
 * **Retries only for I/O**: asset resolution (mirror copy / download), ``dvc pull`` and ``dvc push`` retry 3 times
   with 2, 5, 15 s back-off. Stage tasks never retry: a failed stage is a real failure (bad data, failed gate).
 * **Gate**: when the evaluate stage fails and ``reports/gate.json`` (written by that attempt) says ``passed: false``
-  the flow fails with ``GateFailed`` and the gate table; nothing is exported, registered or promoted.
+  the flow fails with ``GateFailed`` and the gate table; nothing is exported, registered or promoted. The external
+  stage (the exported model on params ``external``) checks ``gate.min_external_map50`` the same way through
+  ``reports/generalisation.json``: a failing set stops the run before registration.
 * **Promotion**: on success a markdown artifact (metrics, gate, parity, model card) is published and the exported
   model is registered as ``v<N>`` and promoted (``pipeline.registry.publish``); a model identical (sha256) to the
   champion is not promoted again, and the run says so.
@@ -71,10 +73,12 @@ from pipeline.evaluate.gate import GateFailed, gate_table
 from pipeline.families import get_family
 from pipeline.fileio import atomic_write_bytes, atomic_write_text
 
-STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer")  # dvc.yaml's DAG, in topological order
+# dvc.yaml's DAG, in topological order
+STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external")
 # Paths as dvc.yaml writes them (relative to the repository root).
 ARTIFACTS = {"onnx": "models/model.onnx", "card": "models/model_card.json", "metrics": "reports/metrics.json",
              "gate": "reports/gate.json", "parity": "reports/parity.json"}
+GENERALISATION = "reports/generalisation.json"  # the external stage's table (optional in the report)
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 5, 15]  # seconds before retry 1, 2, 3
 ENV_REMOTE = "DETFLOW_DVC_REMOTE"
@@ -264,6 +268,12 @@ def stage_failure(stage: str, repo: Path, started: float, code: int, output: str
         if gate.get("passed") is False:
             return GateFailed("evaluation gate failed; the model was not exported, registered or promoted:\n"
                               + gate_table(gate))
+    gen_path = repo / GENERALISATION
+    if stage == "external" and gen_path.is_file() and gen_path.stat().st_mtime >= started - 1:
+        gate = json.loads(gen_path.read_text()).get("gate") or {}
+        if gate.get("passed") is False:
+            return GateFailed("external evaluation gate failed; the model was not registered or promoted:\n"
+                              + gate_table(gate))
     tail = "\n".join(output.rstrip().splitlines()[-40:])
     return StageFailed(f"stage {stage!r} failed (dvc repro exit code {code}); last output:\n{tail}")
 
@@ -289,6 +299,37 @@ def configure_remote(repo: Path, remote: str | None, push: bool) -> str | None:
 
 def read_artifacts(repo: Path) -> dict[str, Any]:
     return {key: json.loads((repo / rel).read_text()) for key, rel in ARTIFACTS.items() if rel.endswith(".json")}
+
+
+def _cell(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def external_markdown(path: Path) -> str:
+    """The external sets' section of the run report: mAP50 and per-class AP50, internal vs external, and the drop."""
+    if not path.is_file():
+        return "\n\n## External evaluation\n\nnot run (no reports/generalisation.json)\n"
+    table = json.loads(path.read_text())
+    sets = table.get("sets") or {}
+    if not sets:
+        return "\n\n## External evaluation\n\nno external sets configured (params `external`)\n"
+    lines = ["", "", "## External evaluation", "",
+             f"internal ({(table.get('internal') or {}).get('split')}) mAP50 "
+             f"{_cell((table.get('internal') or {}).get('map50'))}", "",
+             "| set | class | internal AP50 | external AP50 | drop |", "|---|---|---|---|---|"]
+    for name, s in sets.items():
+        lines.append(f"| {name} | **mAP50** (95% CI {s.get('ci95_map50')}) | "
+                     f"{_cell(s.get('internal_map50_same_classes'))} | {_cell(s.get('map50'))} | "
+                     f"{_cell(s.get('drop'))} |")
+        for cls, row in (s.get("per_class") or {}).items():
+            lines.append(f"| {name} | {cls} | {_cell(row.get('internal'))} | {_cell(row.get('external'))} | "
+                         f"{_cell(row.get('drop'))} |")
+        if s.get("classes_left_out"):
+            lines.append(f"| {name} | left out of the mean (not in this set): {', '.join(s['classes_left_out'])} "
+                         "| | | |")
+    for c in (table.get("gate") or {}).get("checks") or []:
+        lines.append(f"\n{c['name']}: {_cell(c['value'])} >= {c['threshold']} {'PASS' if c['passed'] else 'FAIL'}")
+    return "\n".join(lines) + "\n"
 
 
 # --- tasks -----------------------------------------------------------------------------------------------------
@@ -332,6 +373,7 @@ def publish_report(repo: str) -> str:
     """Markdown artifact with metrics, gate checks, parity and the model card summary."""
     docs = read_artifacts(Path(repo))
     markdown = registry.summary_markdown(docs["metrics"], docs["gate"], docs["parity"], docs["card"])
+    markdown += external_markdown(Path(repo) / GENERALISATION)
     create_markdown_artifact(markdown=markdown, key=REPORT_KEY, description="detflow training run: metrics, gate, "
                              "parity, model card")
     return markdown
@@ -381,8 +423,8 @@ def registry_root(params: Params, repo: Path) -> Path:
 # --- the flow ----------------------------------------------------------------------------------------------------
 
 
-@flow(name="training-pipeline", description="phantom -> prepare -> train -> evaluate -> export -> infer through DVC; "
-      "report, register and promote the model")
+@flow(name="training-pipeline", description="phantom -> prepare -> train -> evaluate -> export -> infer -> external "
+      "through DVC; report, register and promote the model")
 def training_pipeline(overrides: dict[str, Any] | list[str] | None = None, push: bool = False, repo: str = ".",
                       remote: str | None = None) -> dict[str, Any]:
     """Run the DVC pipeline stage by stage in checkout ``repo``, then report, register and promote the model.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,6 +195,66 @@ class GateParams(_Section):
     min_cpm: float = Field(0.4, ge=0.0, le=1.0)
     max_regression: float | None = Field(0.05, ge=0.0, le=1.0)
     champion: str = "models/registry/champion.json"
+    min_external_map50: float | None = Field(None, ge=0.0, le=1.0)  # per external set; None: no check
+
+
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_class_map(value: Any) -> dict[str, str]:
+    """``"rbc=RBC,wbc=WBC"`` or a mapping -> ``{external label: model class}``; a bad entry is one ValueError line."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        pairs: list[tuple[Any, Any]] = []
+        for item in (part.strip() for part in value.split(",")):
+            if item.count("=") != 1:
+                raise ValueError(f"class map entry {item!r} must look like external=MODEL_CLASS "
+                                 "(e.g. rbc=RBC,wbc=WBC)")
+            key, _, target = item.partition("=")
+            pairs.append((key.strip(), target.strip()))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ValueError(f"class map must be a mapping or a string like rbc=RBC,wbc=WBC, got {type(value).__name__}")
+    out: dict[str, str] = {}
+    for key, target in pairs:
+        if not isinstance(key, str) or not isinstance(target, str) or not key or not target:
+            raise ValueError(f"class map entry {key!r}: {target!r} must map a label to a class name (both non-empty "
+                             "text)")
+        if key in out:
+            raise ValueError(f"class map names external label {key!r} twice")
+        out[key] = target
+    return out
+
+
+class ExternalSetParams(_Section):
+    """One labelled dataset from another site, scored by the ``external`` stage (see pipeline/evaluate/external.py)."""
+
+    name: str
+    source: str
+    format: Literal["auto", "dicom_csv", "voc", "coco", "yolo"] = "auto"
+    class_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SET_NAME.fullmatch(v):
+            raise ValueError(f"name {v!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit (it names the folder reports/external/<name>)")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("source is empty; expected a path to a labelled dataset (or bccd)")
+        return v
+
+    @field_validator("class_map", mode="before")
+    @classmethod
+    def _class_map(cls, v: Any) -> dict[str, str]:
+        return parse_class_map(v)
 
 
 class _ExportBase(_Section):
@@ -221,11 +282,24 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gate: GateParams = Field(default_factory=GateParams)
     export: ExportParams = Field(default_factory=ExportParams)  # type: ignore[valid-type]
+    external: list[ExternalSetParams] = Field(default_factory=list)
+
+    @field_validator("external")
+    @classmethod
+    def _unique_names(cls, v: list[ExternalSetParams]) -> list[ExternalSetParams]:
+        names = [s.name for s in v]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"external set names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
+_LIST_SECTIONS = frozenset({"external"})  # top-level params that are a list, set whole by an override
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    if len(keys) < 2 or not all(keys):
+    whole_list = len(keys) == 1 and keys[0] in _LIST_SECTIONS  # e.g. external=[{name: b, source: ...}]
+    if (len(keys) < 2 and not whole_list) or not all(keys):
         raise ConfigError(f"override {dotted!r} must look like section.key=value (e.g. train.epochs=3)")
     node = tree
     for k in keys[:-1]:

@@ -63,7 +63,11 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("models/train", "data/prepared"),
     "export": ("models/train", "data/prepared", "reports/gate.json", "reports/metrics.json",
                "reports/train/summary.json"),
-    "infer": ("models/model.onnx", "models/model_card.json", "data/prepared"),
+    # the shift section of batch inference compares with the training embeddings export writes beside the model
+    "infer": ("models/model.onnx", "models/model_card.json", "models/embedding_reference.npy", "data/prepared"),
+    # `detflow evaluate --external`: the exported model, and the internal scores it is compared with. The sets
+    # themselves are the `external` param (see NOT_DEPS).
+    "external": ("models/model.onnx", "models/model_card.json", "reports/metrics.json"),
 }
 
 # Files read on purpose without being DVC deps: stage -> {path (repository-relative) -> why}.
@@ -80,6 +84,13 @@ NOT_DEPS: dict[str, dict[str, str]] = {
         "promotion rerun evaluate -> export -> infer. Its path is tracked (params `gate`), the champion value "
         "that was compared is written into reports/gate.json (`champion_map50`), and a promotion is checked "
         "again by the registry, not by DVC. (The path is params gate.champion; this is its default.)")},
+    "external": {"<each external[].source in params.yaml>": (
+        "the external sets are a list in params.yaml of any length, empty by default; dvc.yaml cannot list a "
+        "variable number of deps in one stage, and one stage per set (`foreach`, which DVC 3.67 accepts over an "
+        "empty list) could not also write the one reports/generalisation.json over all sets. Each set's name, path, "
+        "format and class map are tracked (params `external`), and the content that was scored is recorded in the "
+        "outputs (reports/external/<name>/data_validation.json: manifest_sha256). After changing a set's files in "
+        "place, run `dvc repro -f -s external`.")},
 }
 
 

@@ -175,7 +175,7 @@ def test_pretrained_coco_strict_and_auto_fallback(tmp_path: Path, tiny_prepared:
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (["train.family=yolo5"], "expected one of: 'yolo' or 'frcnn'"),
+        (["train.family=yolo5"], "unknown model family 'yolo5'; expected one of: frcnn, yolo"),
         (["train.epochs=-1"], "train.epochs"),
         (["train.device=cuda"], "no CUDA GPU is available"),
         (["train.model=yolov9x"], "expected one of: yolov5n"),

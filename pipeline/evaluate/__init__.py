@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,23 +39,66 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def is_prepared(data: Path, split: str) -> bool:
+    """A folder written by ``detflow prepare`` (its COCO split file and provenance are there)."""
+    return (data / "prepare_info.json").is_file() and (data / "coco" / f"{split}.json").is_file()
+
+
+@dataclass
+class Scorer:
+    """A model of either kind behind one call: ``predict(list[rgb]) -> list[Detections]`` at scoring settings
+    (confidence 0.001, the evaluation NMS IoU), so a checkpoint and its ONNX export are measured the same way."""
+
+    predict: Callable[[list[np.ndarray]], list]
+    classes: list[str]
+    info: dict[str, Any]
+
+
+def load_scorer(model_path: Path, params: Params) -> Scorer:
+    """``.onnx`` -> the deployment engine (:class:`pipeline.infer.OnnxDetector`, card beside it); anything else ->
+    the checkpoint through its family's inference loader."""
+    model_path = Path(model_path)
+    iou = params.evaluate.nms_iou
+    if model_path.suffix.lower() == ".onnx":
+        from pipeline.infer.engine import OnnxDetector
+
+        onnx = OnnxDetector(model_path)
+        return Scorer(lambda rgbs: onnx.predict(rgbs, conf=0.001, iou=iou), list(onnx.classes),
+                      {"family": onnx.family, "imgsz": onnx.imgsz, "path": str(model_path), "format": "onnx",
+                       "sha256": onnx.card["sha256"]})
+    from pipeline.evaluate.predict import TorchDetector
+
+    torch_model = TorchDetector.load(model_path)
+    return Scorer(lambda rgbs: torch_model.predict(rgbs, conf=0.001, iou=iou), torch_model.classes,
+                  {"family": torch_model.family.name, "imgsz": torch_model.imgsz, "path": str(model_path),
+                   "format": "checkpoint"})
+
+
 def score_detector(predict: Any, prepared: Path, split: str, classes: list[str], params: Params,
                    progress: bool = True, keep_images: int = 0) -> tuple[list, list, dict]:
     """Run ``predict(list[rgb]) -> list[Detections]`` over a split; return ImageDets, kept images, GT."""
+    gt, _ = load_split(prepared, split)
+    images, kept = score_coco(predict, gt, prepared, params, progress, keep_images, desc=f"evaluating {split}")
+    return images, kept, gt
+
+
+def score_coco(predict: Any, gt: dict, root: Path, params: Params, progress: bool = True, keep_images: int = 0,
+               desc: str = "evaluating") -> tuple[list, list]:
+    """Run ``predict`` over the images of a COCO document (``file_name`` relative to ``root``); ImageDets with
+    0-based labels (category id - 1) and the first ``keep_images`` images."""
     from pipeline.evaluate.metrics import ImageDets
 
     ev = params.evaluate
-    gt, _ = load_split(prepared, split)
     anns: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
     out: list[ImageDets] = []
     kept: list[np.ndarray] = []
     entries = gt["images"]
-    bar = tqdm(total=len(entries), desc=f"evaluating {split}", unit="img", disable=not progress)
+    bar = tqdm(total=len(entries), desc=desc, unit="img", disable=not progress)
     for start in range(0, len(entries), ev.batch):
         chunk = entries[start:start + ev.batch]
-        rgbs = [_read_rgb(prepared / e["file_name"]) for e in chunk]
+        rgbs = [_read_rgb(root / e["file_name"]) for e in chunk]
         dets = predict(rgbs)
         for e, rgb, d in zip(chunk, rgbs, dets, strict=True):
             a = anns.get(e["id"], [])
@@ -67,7 +111,7 @@ def score_detector(predict: Any, prepared: Path, split: str, classes: list[str],
                 kept.append(rgb)
         bar.update(len(chunk))
     bar.close()
-    return out, kept, gt
+    return out, kept
 
 
 def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) -> tuple[dict, dict]:
@@ -108,26 +152,24 @@ def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) 
 
 def evaluate_model(params: Params, model_path: Path, prepared: Path, reports: Path,
                    progress: bool = True) -> EvaluationResult:
-    """Score the trained model on ``evaluate.split``; write metrics, plots, preview and the gate verdict.
+    """Score the model (checkpoint or ONNX) on ``evaluate.split``; write metrics, plots, preview and the gate verdict.
 
     Raises :class:`GateFailed` (after writing every report) when a gate check fails.
     """
     from pipeline.evaluate.gate import GateFailed, champion_metrics, evaluate_gate, gate_table
     from pipeline.evaluate.plots import preview_grid, write_plot_data
-    from pipeline.evaluate.predict import TorchDetector
 
     start = time.perf_counter()
     ev = params.evaluate
     _, classes = load_split(prepared, ev.split)
-    detector = TorchDetector.load(model_path)
-    if detector.classes != classes:
-        raise DetflowError(f"model classes {detector.classes} differ from the dataset's {classes}; "
-                           "retrain on this dataset")
-    images, kept, gt = score_detector(
-        lambda rgbs: detector.predict(rgbs, conf=0.001, iou=ev.nms_iou), prepared, ev.split, classes, params,
-        progress, keep_images=ev.preview_images)
+    scorer = load_scorer(model_path, params)
+    if scorer.classes != classes:
+        raise DetflowError(f"model classes {scorer.classes} differ from the dataset's {classes}; "
+                           "retrain on this dataset, or score it as an external set (--class-map)")
+    images, kept, gt = score_detector(scorer.predict, prepared, ev.split, classes, params, progress,
+                                      keep_images=ev.preview_images)
     metrics, private = compute_metrics(images, gt, classes, params)
-    metrics["model"] = {"family": detector.family.name, "imgsz": detector.imgsz, "path": str(model_path)}
+    metrics["model"] = scorer.info
     seconds = time.perf_counter() - start
     metrics["seconds"] = round(seconds, 2)
     atomic_write_json(reports / "eval" / "predictions.json", private["results"])

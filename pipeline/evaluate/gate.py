@@ -46,11 +46,26 @@ def evaluate_gate(metrics: dict[str, Any], gate: GateParams, champion: dict[str,
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
+def external_checks(externals: dict[str, dict[str, Any]], gate: GateParams) -> list[dict[str, Any]]:
+    """One ``min_external_map50`` check per external set (none when the threshold is null); a set whose mAP50 is
+    undefined (no box of a model class in it) fails: nothing was measured."""
+    if gate.min_external_map50 is None:
+        return []
+    checks = []
+    for name, m in externals.items():
+        value = float(m["map50"])
+        checks.append({"name": f"min_external_map50[{name}]", "value": round(value, 6),
+                       "threshold": gate.min_external_map50, "set": name,
+                       "passed": value == value and value >= gate.min_external_map50})
+    return checks
+
+
 def gate_table(result: dict[str, Any], only_failed: bool = False) -> str:
     rows = [c for c in result["checks"] if not (only_failed and c["passed"])]
-    lines = [f"  {'check':<24} {'value':>8} {'threshold':>10}  result"]
+    width = max([24, *(len(c["name"]) for c in rows)])  # external checks carry the set's name
+    lines = [f"  {'check':<{width}} {'value':>8} {'threshold':>10}  result"]
     for c in rows:
         op = "<=" if c["name"] == "max_regression" else ">="
-        lines.append(f"  {c['name']:<24} {c['value']:>8.4f} {op} {c['threshold']:<7.4f}  "
+        lines.append(f"  {c['name']:<{width}} {c['value']:>8.4f} {op} {c['threshold']:<7.4f}  "
                      f"{'PASS' if c['passed'] else 'FAIL'}")
     return "\n".join(lines)
