@@ -2,6 +2,10 @@
 
 Arms (images/s, batch 1 and 8):
   engine      our OnnxDetector end to end: read file + decode + letterbox + session.run + NMS, one call at a time
+  engine_emb  the same, also fetching the embedding output (predict_with_embeddings: what the service and
+              `detflow infer` run for shift detection)
+  engine_noemb the same as engine on a copy of the graph without the embedding output (the graph before it
+              existed); engine_emb / engine_noemb is the embedding's cost (budget: >= 0.97)
   stream      the same, through OnnxDetector.predict_stream (what `detflow infer` runs): plan_workers() calls at
               once, one onnxruntime thread each; still `batch` images per call
   bare        session.run on a ready tensor (the floor: no decode, no pre/post-processing)
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no images in {args.images}", file=sys.stderr)
         return 2
     engine = OnnxDetector(args.model, providers="CPUExecutionProvider", threads=args.threads)
+    plain = _without_embedding(engine, args.out.parent) if engine.has_embeddings else None
     workers, stream_threads = plan_workers(0, args.threads)
     streamer = OnnxDetector(args.model, providers="CPUExecutionProvider", threads=stream_threads)
     size, conf, iou = engine.imgsz, engine.conf, engine.nms_iou
@@ -94,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             "stream": lambda b=b: list(streamer.predict_stream(files, batch=b, workers=workers)),
             "bare": lambda tensors=tensors: [engine.run(t) for t in tensors],
         }
+        if plain is not None:
+            arms["engine_emb"] = lambda groups=groups: [engine.predict_with_embeddings(
+                [engine.decode(p).rgb for p in g]) for g in groups]
+            arms["engine_noemb"] = lambda groups=groups: [plain.predict([plain.decode(p).rgb for p in g])
+                                                          for g in groups]
         for name, model in ul_models.items():
             arms[name] = lambda model=model, groups=groups, b=b: [
                 model.predict([str(p) for p in g], imgsz=size, conf=conf, iou=iou, batch=b, device="cpu",
@@ -107,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"engine_over_ul_onnx_throughput_{b}"] = results["engine"][b] / results["ul_onnx"][b]
         ratios[f"stream_time_over_bare_{b}"] = results["bare"][b] / results["stream"][b]
         ratios[f"stream_over_ul_onnx_throughput_{b}"] = results["stream"][b] / results["ul_onnx"][b]
+        if "engine_emb" in results:
+            ratios[f"engine_emb_over_noemb_throughput_{b}"] = results["engine_emb"][b] / results["engine_noemb"][b]
         if "ul_torch" in results:
             ratios[f"engine_over_ul_torch_throughput_{b}"] = results["engine"][b] / results["ul_torch"][b]
     print(f"{n} images at {size} px, {args.threads} threads (stream: {workers} workers x {stream_threads}), "
           f"median of {args.repeats} runs (images/s):")
-    print(f"{'arm':<10} {'batch 1':>9} {'batch 8':>9}")
+    print(f"{'arm':<12} {'batch 1':>9} {'batch 8':>9}")
     for name, row in results.items():
-        print(f"{name:<10} {row['b1']:>9.1f} {row['b8']:>9.1f}")
+        print(f"{name:<12} {row['b1']:>9.1f} {row['b8']:>9.1f}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +138,26 @@ def main(argv: list[str] | None = None) -> int:
                                "python": sys.version.split()[0], "numpy": np.__version__}, indent=2))
     tmp.replace(args.out)
     return 0
+
+
+def _without_embedding(engine: object, scratch: Path) -> object:
+    """The same model without its embedding output (what export wrote before shift detection), for the cost arm."""
+    import onnx
+
+    from pipeline.families.base import EMBEDDING_OUTPUT
+    from pipeline.infer import OnnxDetector
+
+    model = onnx.load(str(engine.model_path))  # type: ignore[attr-defined]
+    keep = [o for o in model.graph.output if o.name != EMBEDDING_OUTPUT]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    model = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input], [o.name for o in keep])
+    folder = scratch / "noemb"
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "model_card.json").write_bytes(engine.card_path.read_bytes())  # type: ignore[attr-defined]
+    return OnnxDetector(folder / "model.onnx", providers="CPUExecutionProvider", verify_checksum=False,
+                        threads=engine.session.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -149,19 +149,59 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="trained checkpoint")] = Path("models/train/best.pt"),
-    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    model: Annotated[Path, typer.Option(help="trained checkpoint (.pt), or an exported model (.onnx, its "
+                                        "model_card.json beside it)")] = Path("models/train/best.pt"),
+    data: Annotated[Path, typer.Option(help="prepared dataset folder (scores evaluate.split, applies the gate), or "
+                                       "any labelled dataset (scored whole as an external set)")] = Path(
+        "data/prepared"),
+    format_: Annotated[str, typer.Option("--format", help="external dataset format: auto, voc, coco, yolo, "
+                                         "dicom_csv")] = "auto",
+    class_map: Annotated[str | None, typer.Option(help="external label -> model class, e.g. rbc=RBC,wbc=WBC; "
+                                                  "other labels that are not model classes are dropped")] = None,
+    name: Annotated[str | None, typer.Option(help="external set name: results in REPORTS/external/NAME "
+                                             "(default: the dataset folder's name)")] = None,
+    external: Annotated[bool, typer.Option("--external", help="score every set of params `external`: "
+                                           "REPORTS/external/<name>/ and REPORTS/generalisation.json")] = False,
     reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports"),
+    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets (external source bccd)")] = Path("data/raw"),
+    mirror: MirrorOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate."""
-    from pipeline.evaluate import evaluate_model
+    """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate; or score it on
+    external sets (another site's labelled data) next to the internal test split."""
+    from pipeline.evaluate import evaluate_model, is_prepared
+    from pipeline.evaluate.external import (
+        default_set_name,
+        evaluate_dataset,
+        evaluate_external_sets,
+        external_set,
+    )
     from pipeline.evaluate.gate import gate_table
 
     p = _params(params, set_)
     _writable(reports, "reports folder")
+    if external or format_ != "auto" or class_map is not None or name is not None \
+            or (data.exists() and not is_prepared(data, p.evaluate.split)):
+        if external:
+            gen = evaluate_external_sets(p, model, reports, raw_dir=raw_dir, mirrors=mirror, progress=_progress(quiet))
+        else:
+            ext = external_set(name or default_set_name(data), str(data), format_, class_map)
+            gen = evaluate_dataset(p, model, ext, reports, raw_dir=raw_dir, mirrors=mirror, progress=_progress(quiet))
+        for set_name, m in gen.externals.items():
+            row = gen.table["sets"][set_name]
+            internal = "" if row["internal_map50_same_classes"] is None else \
+                f" (internal {row['internal_map50_same_classes']:.4f} on the same classes, drop {row['drop']:.4f})"
+            typer.echo(f"external {set_name} ({m['n_images']} images, {m['n_patients']} patients): mAP50 "
+                       f"{m['map50']:.4f} {m['ci95']['map50']}{internal} -> {reports / 'external' / set_name}")
+            if m["note"]:
+                typer.echo(f"  {m['note']}")
+        if external:
+            typer.echo(f"generalisation: {len(gen.externals)} external sets -> {reports / 'generalisation.json'}")
+        if gen.gate["checks"]:
+            typer.echo("external gate passed:\n" + gate_table(gen.gate))
+        return
     result = evaluate_model(p, model, data, reports, progress=_progress(quiet))
     m = result.metrics
     typer.echo(f"evaluate ({m['split']}, {m['n_images']} images, {m['n_patients']} patients, "
@@ -194,6 +234,38 @@ def export(
 
 
 @app.command()
+def adapt(
+    source: Annotated[Path, typer.Argument(help="unlabelled images of the new site: folder, image, .txt list or "
+                                           "COCO .json")],
+    model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
+    out: Annotated[Path, typer.Option(help="adapted model folder (model.onnx + model_card.json)")] = Path(
+        "models/adapted"),
+    pixel_size: Annotated[float | None, typer.Option(help="the new site's pixel size (e.g. um per pixel); the "
+                                                     "engine brings each image to the training field of view")] = None,
+    train_pixel_size: Annotated[float | None, typer.Option(help="the training images' pixel size in the unit of "
+                                                           "--pixel-size, when the card records none (not DICOM)")
+                                ] = None,
+    conf: Annotated[float | None, typer.Option(callback=_threshold, help="score threshold of the detections whose "
+                                               "sizes are compared (default: the card's)")] = None,
+    max_images: Annotated[int, typer.Option(help="target images used (in name order)")] = 64,
+) -> None:
+    """Adapt a model to a new site without labels: known pixel size first, else the input scale whose predicted
+    object sizes match the training objects'. Writes a model folder that infer, serve and evaluate use as is."""
+    from pipeline.adapt import adapt_model
+
+    if not source.exists():
+        raise DetflowError(f"adapt source {source} does not exist")
+    _writable(out, "adapted model folder")
+    result = adapt_model(model, source, out, pixel_size=pixel_size, train_pixel_size=train_pixel_size, conf=conf,
+                         max_images=max_images)
+    a = result.adaptation
+    b, c = a["before"], a["after"]
+    typer.echo(f"adapt: {a['method']}, input scale {a['input_scale']:.4g} on {a['n_images']} images "
+               f"({a['n_skipped']} skipped); confident detections {b['detections']} -> {c['detections']} "
+               f"-> {out / 'model_card.json'}")
+
+
+@app.command()
 def infer(
     source: Annotated[Path, typer.Argument(help="image, folder, DICOM series, file list (.txt) or COCO split (.json)")],
     model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
@@ -218,11 +290,64 @@ def infer(
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
         detector.conf = conf
-    s = run_batch(detector, items, out, batch=batch, render=render, progress=_progress(quiet), workers=workers)
+    s = run_batch(detector, items, out, batch=batch, render=render, progress=_progress(quiet), workers=workers,
+                  shift_source=str(source))
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
                f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
                f"-> {out / 'predictions.json'}")
+    if s.shift is not None:
+        typer.echo(f"shift: MMD² {s.shift['statistic']:.4g}, p = {s.shift['p_value']:.3g} "
+                   f"({'SHIFTED' if s.shift['shifted'] else 'no shift'} at alpha {s.shift['alpha']}) "
+                   f"-> {out / 'shift.json'}")
+    else:
+        typer.echo(f"shift: not tested: {s.shift_note}")
     for e in s.errors[:10]:
+        typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
+
+
+def _alpha(value: float) -> float:
+    """--alpha: a significance level strictly between 0 and 1, checked while parsing."""
+    if not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"alpha must be in (0, 1), got {value}")
+    return value
+
+
+@app.command()
+def shift(
+    source: Annotated[Path, typer.Argument(help="image folder, DICOM series, file list (.txt) or COCO split (.json) "
+                                           "from the site to test")],
+    model: Annotated[Path, typer.Option(help="ONNX model (model_card.json and embedding_reference.npy next to "
+                                        "it)")] = Path("models/model.onnx"),
+    out: Annotated[Path, typer.Option(help="output folder: shift.json, shift_projection.png")] = Path("shift"),
+    alpha: Annotated[float, typer.Option(callback=_alpha, help="significance level of the test")] = 0.05,
+    permutations: Annotated[int, typer.Option(min=1, help="permutations for the p-value")] = 1000,
+    providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Do SOURCE's images come from another site than the training data? MMD permutation test of the model's
+    embeddings against the training reference; writes shift.json and a 2-D picture of both samples."""
+    from pipeline.infer.batch import collect_sources, run_shift
+    from pipeline.infer.engine import OnnxDetector, plan_workers
+    from pipeline.shift import ShiftError, plot_projection
+
+    items = collect_sources(source)  # a bad source fails here, before the model loads
+    if not items:
+        raise DetflowError(f"no images in {source}: the shift test needs at least 8 (64 recommended)")
+    _writable(out, "output folder")
+    workers, threads = plan_workers(0)
+    detector = OnnxDetector(model, providers=providers, threads=threads)
+    run = run_shift(detector, items, out, source=str(source), alpha=alpha, n_permutations=permutations,
+                    workers=workers, progress=_progress(quiet))
+    r = run.result
+    typer.echo(f"shift: {run.n_images} images vs {r.n_reference} reference, MMD² {r.statistic:.4g}, p = "
+               f"{r.p_value:.3g}: {'SHIFTED' if r.shifted else 'no shift detected'} at alpha {r.alpha} "
+               f"-> {out / 'shift.json'}")
+    try:
+        plot_projection(run.reference, run.target, out / "shift_projection.png", result=r,
+                        labels=("reference (training)", source.name or str(source)))
+    except ShiftError as e:  # no matplotlib (the serving image): the test stands, the picture is left out
+        typer.secho(f"  no picture: {e}", err=True, fg="yellow")
+    for e in run.errors[:10]:
         typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
 
 

@@ -157,6 +157,11 @@ CASES: list[tuple[list[str], int, str]] = [
     (["registry", "promote", "v999", "--root", "registry"], 1, "unknown model version v999"),
     (["assets", "fetch", "nosuch"], 1, "unknown asset 'nosuch'"),
     (["flow", "run", "--repo", "nosuchdir"], 1, "repository checkout nosuchdir is not a folder"),
+    (["shift", "imgs", *TINY, "--alpha", "1.5"], 2, "alpha must be in (0, 1), got 1.5"),
+    (["shift", "imgs", *TINY, "--permutations", "0"], 2, "Invalid value for '--permutations'"),
+    (["shift", "nosuch", *TINY], 1, "inference source nosuch does not exist"),
+    (["shift", "nocard", *TINY], 1, "no images in nocard: the shift test needs at least 8"),
+    (["shift", "imgs", *TINY], 1, "has no 'embedding' output (exported before shift detection existed)"),
 ]
 
 
@@ -203,3 +208,19 @@ def test_engine_rejects_bad_thresholds(ws: Path) -> None:
     assert det.conf == 0.5 and det.predict([np.zeros((8, 8, 3), np.uint8)])[0].boxes.shape == (0, 4)
     with pytest.raises(ModelLoadError, match="postprocess: conf must be a number"):
         OnnxDetector(ws / "badconf" / "model.onnx", providers="CPUExecutionProvider")
+
+# `detflow adapt` (issue 13): bad target images get one line before any model run (own list: CASES is bound above)
+ADAPT_CASES: list[tuple[list[str], int, str]] = [
+    (["adapt", "nosuch", *TINY, "--out", "adapted"], 1, "adapt source nosuch does not exist"),
+    (["adapt", "registry", *TINY, "--out", "adapted"], 1, "no images in registry"),  # an empty folder
+    (["adapt", "fake.onnx", *TINY, "--out", "adapted"], 1, "fake.onnx: 0 usable images, adapt needs at least 8; "
+                                                           "1 could not be decoded"),  # all corrupt
+    (["adapt", "imgs", *TINY, "--out", "adapted"], 1, "imgs: 1 usable images, adapt needs at least 8"),
+    (["adapt", "imgs", *TINY, "--out", "tiny"], 1, "is the model's own folder"),
+    (["adapt", "imgs", *TINY, "--out", "adapted", "--pixel-size", "-2"], 1, "--pixel-size must be a positive number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "expected"), ADAPT_CASES, ids=[" ".join(c[0]) for c in ADAPT_CASES])
+def test_adapt_bad_input_is_one_clear_line(ws: Path, argv: list[str], code: int, expected: str) -> None:
+    test_bad_input_is_one_clear_line(ws, argv, code, expected)

@@ -43,13 +43,17 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def _pair(models: Path) -> tuple[str, dict]:
-    """(sha256 of model.onnx, card) after asserting the card describes this very file and the engine loads it."""
+    """(sha256 of model.onnx, card) after asserting the card describes this very file and this very embedding
+    reference (the group model.onnx + model_card.json + embedding_reference.npy) and the engine loads them."""
     from pipeline.infer.engine import OnnxDetector
 
     card = json.loads((models / "model_card.json").read_text())
     sha = sha256_file(models / "model.onnx")
     assert card["sha256"] == sha, "model.onnx and model_card.json are from different exports"
-    OnnxDetector(models / "model.onnx", providers="CPUExecutionProvider")  # verifies checksum and graph again
+    ref = card["embedding"]["reference"]
+    assert ref["sha256"] == sha256_file(models / ref["file"]), "the embedding reference is from another export"
+    det = OnnxDetector(models / "model.onnx", providers="CPUExecutionProvider")  # verifies checksum and graph again
+    det.embedding_reference()  # and the reference against the card
     return sha, card
 
 
@@ -63,7 +67,7 @@ def _state_after_kill(root: Path, tmp: Path) -> str:
     copy = tmp / "recovered"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(models, copy, symlinks=True)
-    recover_outputs(copy / "model.onnx", copy / "model_card.json")
+    recover_outputs(copy / "model.onnx", copy / "model_card.json", copy / "embedding_reference.npy")
     _pair(copy)
     assert not (copy / JOURNAL).exists()
     return "journal"
@@ -75,7 +79,7 @@ def project(exported: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     shutil.copytree(exported["prepared"], root / "prepared")
     shutil.copytree(exported["reports"], root / "reports")
     (root / "models").mkdir()
-    for f in (exported["onnx"], exported["card"]):
+    for f in (exported["onnx"], exported["card"], exported["onnx"].with_name("embedding_reference.npy")):
         shutil.copy(f, root / "models" / f.name)
     shutil.copy(exported["best"], root / "best.pt")
     return root
@@ -95,7 +99,7 @@ def test_sigkill_leaves_a_whole_pair_and_the_next_run_recovers(project: Path, tm
     assert p.returncode == 0, out
     sha, _ = _pair(models)
     assert not _leftovers(root), _leftovers(root)
-    for f in ("model.onnx", "model_card.json"):
+    for f in ("model.onnx", "model_card.json", "embedding_reference.npy"):
         assert (models / f).stat().st_mode & 0o777 == 0o644, f  # umask 022; was 0600 (tempfile)
     assert (root / "reports" / "parity.json").stat().st_mode & 0o777 == 0o644
 
@@ -132,6 +136,6 @@ def test_sigkill_leaves_a_whole_pair_and_the_next_run_recovers(project: Path, tm
     assert new_sha not in shas and card["version"] == new_sha[:12]  # a fresh export (exports differ run to run)
     assert not _leftovers(root), _leftovers(root)
     assert not (root / ".export-ab12cd34").exists()
-    for f in ("model.onnx", "model_card.json"):
+    for f in ("model.onnx", "model_card.json", "embedding_reference.npy"):
         assert (models / f).stat().st_mode & 0o777 == 0o644
     print(f"export runtime {runtime:.1f} s; kills (point, rc, state, own temporaries): {seen}")

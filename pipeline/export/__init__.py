@@ -1,7 +1,8 @@
 """Export stage: ONNX model, parity report against PyTorch, model card. Published only when parity holds.
 
-``model.onnx`` and ``model_card.json`` are published together (:func:`pipeline.fileio.atomic_outputs`): a kill at
-any point leaves the previous pair or the new one (or a commit journal that the next export rolls forward first).
+``model.onnx``, ``model_card.json`` and ``embedding_reference.npy`` (training-split embeddings for shift detection,
+its sha256 in the card) are published together (:func:`pipeline.fileio.atomic_outputs`): a kill at any point leaves
+the previous group or the new one (or a commit journal that the next export rolls forward first).
 ``reports/parity.json`` reports the latest attempt, passed or failed; the card carries the published model's parity.
 """
 
@@ -29,6 +30,10 @@ from pipeline.fileio import (
     remove_leftovers,
     sha256_file,
 )
+
+#: The reference sample for shift detection, beside the model: float32 (rows, D) embeddings of training images.
+REFERENCE_FILE = "embedding_reference.npy"
+REFERENCE_ROWS = 256  # enough for the MMD test's power at 64 target images, small next to the model (~0.5 MB)
 
 
 class ParityFailed(DetflowError):
@@ -102,6 +107,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def reference_sample(detector: Any, prepared: Path, rows: int = REFERENCE_ROWS, seed: int = 0
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embeddings of a deterministic sample of training images through the exported graph itself (one image per
+    call, as `detflow shift` runs), so the reference is what deployment measures on training data.
+
+    The sample: every train image when there are at most ``rows``, else ``rows`` of them drawn with a seeded
+    generator from the list sorted by file name. Returns (float32 (n, D), how it was drawn for the card).
+    """
+    from pipeline.infer.batch import collect_sources
+
+    items = collect_sources(prepared / "coco" / "train.json")
+    items = sorted(items, key=lambda it: it[0])
+    if len(items) > rows:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), rows, replace=False))
+        items = [items[i] for i in keep]
+    stream = detector.predict_stream(items, batch=1, workers=1, embeddings=True,
+                                     decode=lambda it: detector.decode(it[2], it[0]).rgb)
+    vectors = [r.embedding for r in stream if r.embedding is not None]
+    if not vectors:
+        raise DataError(f"no training image of {prepared} could be read for the embedding reference sample")
+    emb = np.stack(vectors).astype(np.float32)
+    return emb, {"split": "train", "rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "seed": seed,
+                 "sample": f"all train images if at most {rows}, else {rows} drawn with numpy default_rng({seed}) "
+                           "from the list sorted by file name; one image per model call"}
+
+
 def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgsz: int, onnx_path: Path,
                prepared: Path, train_summary: dict, metrics: dict, gate: dict, parity: dict,
                params: Params, stride: int = 0) -> dict[str, Any]:
@@ -115,6 +146,15 @@ def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgs
                         "window": windows[0] if len(windows) == 1 else None, "windows_seen": windows,
                         "rescale": "RescaleSlope/RescaleIntercept applied first (HU)",
                         "monochrome1": "inverted"}
+    from pipeline.adapt import training_object_sizes
+
+    sizes = training_object_sizes(prepared, classes, imgsz)
+    spacing = info.get("pixel_spacing") or None
+    pixel_spacing = None if not spacing else {
+        "value": spacing["median"], "unit": spacing.get("unit", "mm"), "source": spacing.get("source"),
+        "rule": "an input whose DICOM PixelSpacing gives another field of view is letterboxed to imgsz x "
+                "(spacing x long side) / (value x training_data.image_long_side_px), so objects keep their "
+                "training size in model pixels"}
     batch = "dynamic (N)" if family.dynamic_batch else 1
     if stride:
         shape: list[Any] = [batch, 3, "H", "W"]
@@ -134,13 +174,14 @@ def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgs
                   "layout": "NCHW", "channel_order": "RGB", "value_range": [0.0, 1.0],
                   "normalisation": "pixel / 255, no mean/std (the network normalises internally for Faster R-CNN)",
                   "resize": resize,
-                  "dicom_window": dicom_window},
+                  "dicom_window": dicom_window, "pixel_spacing": pixel_spacing},
         "output": family.card_output(classes),
         "postprocess": {"conf": params.evaluate.conf, "nms_iou": params.evaluate.nms_iou,
                         "max_det": params.export.max_det},
         "opset": settings.opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
         "training_data": {"source": info.get("source"), "manifest_sha256": info.get("manifest_sha256"),
-                          "split_mode": info.get("split_mode")},
+                          "split_mode": info.get("split_mode"),
+                          "image_long_side_px": sizes["image_long_side_px"], "object_sizes": sizes},
         "pretrained": (train_summary.get("transfer") or {}).get("pretrained"),
         "metrics": {k: metrics.get(k) for k in ("split", "map50_95", "map50", "per_class", "froc", "ci95",
                                                 "n_images", "n_patients")},
@@ -173,7 +214,7 @@ _LEGACY_FILES = {"best.pt", "best.onnx", "model.onnx", "model_card.json"}
 def recover_export(out_dir: Path, reports: Path | None = None) -> list[Path]:
     """Finish or undo what a killed export left: roll a committed model/card pair forward, remove staged files,
     scratch folders and report temporaries of dead runs. Returns what was removed."""
-    removed = recover_outputs(out_dir / "model.onnx", out_dir / "model_card.json")
+    removed = recover_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE)
     removed += remove_leftovers(out_dir / "export")
     if reports is not None:
         removed += remove_leftovers(reports / "parity.json")
@@ -186,7 +227,8 @@ def recover_export(out_dir: Path, reports: Path | None = None) -> list[Path]:
 
 
 def export_model(params: Params, model_path: Path, prepared: Path, reports: Path, out_dir: Path) -> ExportResult:
-    """Export, check, measure parity; publish ``model.onnx`` + ``model_card.json`` only if parity holds.
+    """Export, check, measure parity; publish ``model.onnx`` + ``model_card.json`` + the embedding reference sample
+    only if parity holds.
 
     Every input is checked before the export starts; the work happens in a private scratch folder under
     ``out_dir`` that a killed run leaves for the next one to remove.
@@ -238,9 +280,27 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["parity"] = {k: parity[k] for k in ("matched_fraction", "max_abs_box_diff_px", "max_abs_score_diff",
                                                  "map50_95_torch", "map50_95_onnx", "delta", "passed")}
         card["version"] = card["sha256"][:12]
-        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json") as (model_staged, card_staged):
+        card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE)
+        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE) as (
+                model_staged, card_staged, reference_staged):
             shutil.copyfile(onnx_path, model_staged)  # a new file: the umask's permissions (0644), not the work's
             card_staged.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+            shutil.copyfile(work / REFERENCE_FILE, reference_staged)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_dir / "model.onnx", card, parity)
+
+
+def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_path: Path) -> dict[str, Any]:
+    """The card's ``embedding`` entry; writes the reference sample to ``reference_path`` (scratch, then published
+    with the model). Every family exports the embedding output, so its absence is an export bug."""
+    from pipeline.families.base import embedding_card
+
+    if not detector.has_embeddings:
+        raise DetflowError(f"the {detector.family} export has no embedding output; shift detection needs it")
+    ref, how = reference_sample(detector, prepared)
+    with open(reference_path, "wb") as f:  # a file object: np.save would append .npy to a path
+        np.save(f, ref, allow_pickle=False)
+    entry = embedding_card(onnx_path, {"file": REFERENCE_FILE, "sha256": sha256_file(reference_path), **how})
+    assert entry is not None
+    return entry

@@ -1,5 +1,6 @@
 """Batch inference over an image, a folder, a DICOM series, a file list or a COCO split; streaming, never
-aborted by a bad file (each one is reported and skipped)."""
+aborted by a bad file (each one is reported and skipped). Also the shift test of a set of images against the
+model's training embeddings (:func:`run_shift`, and a ``shift.json`` beside batch predictions)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, looks_like_dicom
 from pipeline.errors import DetflowError
 from pipeline.fileio import atomic_write_json
-from pipeline.infer.engine import OnnxDetector
+from pipeline.infer.engine import EmbeddingsUnavailable, OnnxDetector
+from pipeline.shift import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, MIN_SAMPLES, ShiftError, ShiftResult, mmd_test
+
+#: Most target embeddings one shift test uses: the test's memory grows with (reference + target)², so a larger set is
+#: subsampled (seeded); 512 images already detect shifts far smaller than a change of site.
+MAX_TARGET = 512
+SHIFT_FILE = "shift.json"
 
 
 @dataclass
@@ -22,6 +31,20 @@ class BatchSummary:
     n_detections: int = 0
     errors: list[dict] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)
+    shift: dict[str, Any] | None = None  # the shift.json document, when the test ran
+    shift_note: str | None = None  # why it did not run
+
+
+@dataclass
+class ShiftRun:
+    """What :func:`run_shift` did: the test's result and document, the images read and skipped, the picture."""
+
+    result: ShiftResult
+    document: dict[str, Any]
+    n_images: int
+    errors: list[dict]
+    reference: np.ndarray
+    target: np.ndarray
 
 
 Source = tuple[str, int, Path]  # display name, image id (the COCO id, else the input's position), path
@@ -83,19 +106,26 @@ def collect_sources(source: Path) -> list[Source]:
 
 def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path, batch: int = 8,
               render: bool = False, progress: bool = True, predictions_name: str = "predictions.json",
-              workers: int = 1, max_pixels: int | None = None) -> BatchSummary:
+              workers: int = 1, max_pixels: int | None = None, shift: bool = True,
+              shift_source: str | None = None) -> BatchSummary:
     """Stream inputs through the engine, ``batch`` images per model call and ``workers`` calls at once (see
     :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders.
 
     ``source``: a path (see :func:`iter_sources`) or the list :func:`collect_sources` made of one. Files are decoded
     by content with the service's rules (:meth:`OnnxDetector.decode`); one over ``max_pixels`` (None: the default
     limit, :data:`pipeline.data.imaging.DEFAULT_MAX_PIXELS`) is reported as ``image_too_large`` and skipped.
+
+    ``shift``: when the model has the embedding output, also test the images against its training embeddings
+    (:func:`shift_test`) and write ``shift.json`` beside the predictions; ``summary.shift_note`` says why not
+    otherwise (an older model, fewer than :data:`~pipeline.shift.MIN_SAMPLES` images, no reference sample).
     """
     summary = BatchSummary(providers=detector.providers)
     items = source if isinstance(source, list) else collect_sources(source)
     results: list[dict] = []
+    embed = shift and detector.has_embeddings
+    vectors: list[np.ndarray] = []
     with tqdm(total=len(items), desc="inference", unit="img", disable=not progress) as bar:
-        stream = detector.predict_stream(items, batch=batch, workers=workers,
+        stream = detector.predict_stream(items, batch=batch, workers=workers, embeddings=embed,
                                          decode=lambda item: detector.decode(item[2], item[0], max_pixels).rgb)
         for r in stream:
             name, image_id, _ = r.source
@@ -109,6 +139,8 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
             assert d is not None and r.rgb is not None
             summary.n_images += 1
             summary.n_detections += len(d)
+            if r.embedding is not None:
+                vectors.append(r.embedding)
             for (x1, y1, x2, y2), s, c in zip(d.boxes, d.scores, d.labels, strict=True):
                 results.append({"image_id": image_id, "file_name": name, "category_id": int(c) + 1,
                                 "category": detector.classes[int(c)],
@@ -118,7 +150,76 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
                 _render(r.rgb, d, detector.classes, out_dir / "rendered" / f"{Path(name).stem}.png")
     atomic_write_json(out_dir / predictions_name, results)
     atomic_write_json(out_dir / "infer_errors.json", summary.errors)
+    if shift:
+        source_name = shift_source if shift_source is not None else str(source) if isinstance(source, Path) else None
+        try:
+            if not embed:
+                detector.require_embeddings()
+            result, doc, _, _ = shift_test(detector, vectors, source=source_name,
+                                           n_skipped=len(summary.errors))
+            atomic_write_json(out_dir / SHIFT_FILE, doc)
+            summary.shift = doc
+        except (ShiftError, EmbeddingsUnavailable) as e:
+            summary.shift_note = str(e)
     return summary
+
+
+def shift_test(detector: OnnxDetector, vectors: list[np.ndarray] | np.ndarray, *, source: str | None = None,
+               alpha: float = DEFAULT_ALPHA, n_permutations: int = DEFAULT_PERMUTATIONS, n_skipped: int = 0,
+               max_target: int = MAX_TARGET) -> tuple[ShiftResult, dict[str, Any], np.ndarray, np.ndarray]:
+    """MMD test of ``vectors`` (embeddings of the images under test) against the model's reference sample.
+
+    Returns (result, the ``shift.json`` document, reference, target used). More than ``max_target`` vectors are
+    subsampled with a seeded generator (the document says how many were used of how many). Raises
+    :class:`~pipeline.shift.ShiftError` (too few, bad values) or :class:`EmbeddingsUnavailable`.
+    """
+    reference = detector.embedding_reference()
+    n = len(vectors)
+    if n < MIN_SAMPLES:
+        raise ShiftError(f"{n} image(s) read; the shift test needs at least {MIN_SAMPLES} (64 recommended)")
+    target = np.asarray(np.stack(list(vectors)) if isinstance(vectors, list) else vectors, dtype=np.float64)
+    if n > max_target:
+        target = target[np.sort(np.random.default_rng(0).choice(n, max_target, replace=False))]
+    result = mmd_test(reference, target, alpha=alpha, n_permutations=n_permutations)
+    ref_entry = (detector.card.get("embedding") or {}).get("reference") or {}
+    doc = {**result.to_dict(), "source": source, "model": str(detector.model_path),
+           "model_sha256": detector.card.get("sha256"), "model_version": detector.card.get("version"),
+           "reference": {"file": ref_entry.get("file"), "sha256": ref_entry.get("sha256")},
+           "n_images": n, "n_skipped": n_skipped,
+           "embedding": "the model's 'embedding' output (see the card), one vector per image"}
+    return result, doc, reference, target
+
+
+def run_shift(detector: OnnxDetector, items: list[Source], out_dir: Path, *, source: str, alpha: float = DEFAULT_ALPHA,
+              n_permutations: int = DEFAULT_PERMUTATIONS, workers: int = 1, progress: bool = True,
+              max_pixels: int | None = None) -> ShiftRun:
+    """`detflow shift`: embed every input (one image per model call, as the reference was made), test against the
+    reference and write ``shift.json``. Unreadable files are skipped and listed; an unusable input set (none
+    readable, fewer than the test needs) or a model without embeddings raises one clear error."""
+    detector.require_embeddings()
+    detector.embedding_reference()  # a missing or damaged reference fails before the images are read
+    vectors: list[np.ndarray] = []
+    errors: list[dict] = []
+    with tqdm(total=len(items), desc="embeddings", unit="img", disable=not progress) as bar:
+        stream = detector.predict_stream(items, batch=1, workers=workers, embeddings=True,
+                                         decode=lambda item: detector.decode(item[2], item[0], max_pixels).rgb)
+        for r in stream:
+            bar.update(1)
+            if r.error is not None:
+                errors.append({"file": r.source[0], "kind": getattr(r.error, "kind", "unreadable"),
+                               "detail": getattr(r.error, "detail", None) or str(r.error)})
+            elif r.embedding is not None:
+                vectors.append(r.embedding)
+    if not vectors:
+        first = f" (first: {errors[0]['file']}: {errors[0]['kind']}: {errors[0]['detail']})" if errors else ""
+        raise DetflowError(f"none of the {len(items)} input(s) in {source} could be read{first}")
+    if len(vectors) < MIN_SAMPLES:
+        raise ShiftError(f"{source}: {len(vectors)} readable image(s) of {len(items)}; the shift test needs at "
+                         f"least {MIN_SAMPLES} (64 recommended)")
+    result, doc, reference, target = shift_test(detector, vectors, source=source, alpha=alpha,
+                                                n_permutations=n_permutations, n_skipped=len(errors))
+    atomic_write_json(out_dir / SHIFT_FILE, doc)
+    return ShiftRun(result, doc, len(vectors), errors, reference, target)
 
 
 def _render(rgb: object, dets: object, classes: list[str], out: Path) -> None:

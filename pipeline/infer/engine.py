@@ -18,14 +18,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import numpy as np
 
 from pipeline.errors import DetflowError
 from pipeline.families import FAMILIES, ModelFamily
+from pipeline.families.base import EMBEDDING_OUTPUT
 from pipeline.fileio import sha256_file
-from pipeline.infer.processing import Detections, preprocess
+from pipeline.infer.processing import Detections, InputScaling, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ModelLoadError(DetflowError):
 
 class ProviderError(DetflowError):
     """A required execution provider is not active."""
+
+
+class EmbeddingsUnavailable(DetflowError):
+    """The model has no embedding output or no usable reference sample (exported before shift detection)."""
 
 
 def check_threshold(value: float, name: str = "conf") -> float:
@@ -65,6 +70,7 @@ class StreamResult(Generic[S]):
     rgb: np.ndarray | None = None
     detections: Detections | None = None
     error: Exception | None = None
+    embedding: np.ndarray | None = None  # (D,) float32, when the stream was asked for embeddings
 
 
 def plan_workers(workers: int = 0, cpus: int | None = None) -> tuple[int, int]:
@@ -139,6 +145,10 @@ class OnnxDetector:
         self.classes: list[str] = list(self.card["classes"])
         self.imgsz: int = int(self.card["input"]["imgsz"])
         self.input_name = self.session.get_inputs()[0].name
+        # the detection outputs, in graph order; the embedding output (shift detection) is fetched only on request
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        self.output_names: list[str] = [n for n in graph_outputs if n != EMBEDDING_OUTPUT]
+        self.has_embeddings: bool = EMBEDDING_OUTPUT in graph_outputs
         self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         post = self.card.get("postprocess") or {}
         try:
@@ -149,6 +159,10 @@ class OnnxDetector:
                 raise ValueError(f"max_det must be >= 1, got {self.max_det}")
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"model card {self.card_path}: postprocess: {e}; re-export the model") from None
+        try:  # site adaptation (`detflow adapt`) and the training pixel spacing: how large each image is letterboxed
+            self.scaling: InputScaling = InputScaling.from_card(self.card)
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"model card {self.card_path}: {e}; re-export or re-adapt the model") from None
         self._local = threading.local()
         # Minimal (rect) padding only where the card says the model takes it and the graph's H/W are dynamic.
         in_shape = self.session.get_inputs()[0].shape
@@ -194,7 +208,8 @@ class OnnxDetector:
         return card
 
     def _check_card_against_graph(self) -> None:
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        inputs = self.session.get_inputs()
+        outputs = [o for o in self.session.get_outputs() if o.name != EMBEDDING_OUTPUT]  # the family's own outputs
         card_in = self.card["input"]
         shape = inputs[0].shape
         problems = []
@@ -240,42 +255,119 @@ class OnnxDetector:
 
     # ------------------------------------------------------------------------------------------ inference
 
-    def run(self, batch: np.ndarray) -> Any:
-        """Bare ``session.run`` on a ready NCHW tensor (the floor the benchmark compares against)."""
-        return self.session.run(None, {self.input_name: batch})
+    def run(self, batch: np.ndarray, embeddings: bool = False) -> Any:
+        """Bare ``session.run`` on a ready NCHW tensor (the floor the benchmark compares against): the detection
+        outputs, plus the embedding output last when ``embeddings``."""
+        names = [*self.output_names, EMBEDDING_OUTPUT] if embeddings else self.output_names
+        return self.session.run(names, {self.input_name: batch})
+
+    @overload
+    def predict(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
+                max_det: int | None = None, *, return_embeddings: Literal[False] = False) -> list[Detections]: ...
+
+    @overload
+    def predict(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
+                max_det: int | None = None, *,
+                return_embeddings: Literal[True]) -> tuple[list[Detections], np.ndarray]: ...
 
     def predict(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
-                max_det: int | None = None) -> list[Detections]:
+                max_det: int | None = None, *,
+                return_embeddings: bool = False) -> list[Detections] | tuple[list[Detections], np.ndarray]:
+        """Detections per image; with ``return_embeddings`` also each image's embedding, float32 (len(images), D),
+        from the same model call (:class:`EmbeddingsUnavailable` for a model exported without the output)."""
+        if not return_embeddings:
+            return self._predict(images, conf, iou, max_det, embeddings=False)[0]
+        self.require_embeddings()
+        dets, emb = self._predict(images, conf, iou, max_det, embeddings=True)
+        assert emb is not None
+        return dets, emb
+
+    def predict_with_embeddings(self, images: list[np.ndarray], conf: float | None = None, iou: float | None = None,
+                                max_det: int | None = None) -> tuple[list[Detections], np.ndarray]:
+        """``predict(..., return_embeddings=True)``."""
+        return self.predict(images, conf, iou, max_det, return_embeddings=True)
+
+    def _predict(self, images: list[np.ndarray], conf: float | None, iou: float | None, max_det: int | None,
+                 embeddings: bool) -> tuple[list[Detections], np.ndarray | None]:
         conf = self.conf if conf is None else check_threshold(conf, "conf")
         iou = self.nms_iou if iou is None else check_threshold(iou, "iou")
         max_det = self.max_det if max_det is None else max_det
         if not images:
-            return []
+            return [], (np.empty((0, 0), np.float32) if embeddings else None)
         local = self._local.__dict__.setdefault("buffers", {})  # per thread: the service predicts from several
-        batch, metas = preprocess(images, self.imgsz, self.input_dtype, stride=self.stride, buffers=local)
+        batch, metas = preprocess(images, self.imgsz, self.input_dtype, stride=self.stride, buffers=local,
+                                  scaling=self.scaling)
         family = self.model_family
+        n_det = len(self.output_names)
         if family.dynamic_batch:
-            return family.postprocess(self.run(batch), metas, conf=conf, iou=iou, max_det=max_det)
+            outs = self.run(batch, embeddings)
+            dets = family.postprocess(outs[:n_det], metas, conf=conf, iou=iou, max_det=max_det)
+            return dets, (np.asarray(outs[n_det], np.float32) if embeddings else None)
         out: list[Detections] = []
+        pooled: list[np.ndarray] = []
         for i, meta in enumerate(metas):  # a graph exported for one image at a time
-            out += family.postprocess(self.run(batch[i:i + 1]), [meta], conf=conf, iou=iou, max_det=max_det)
-        return out
+            outs = self.run(batch[i:i + 1], embeddings)
+            out += family.postprocess(outs[:n_det], [meta], conf=conf, iou=iou, max_det=max_det)
+            if embeddings:
+                pooled.append(np.asarray(outs[n_det], np.float32).reshape(1, -1))
+        return out, (np.concatenate(pooled) if embeddings else None)
+
+    # ------------------------------------------------------------------------------------------ embeddings
+
+    def embeddings_unavailable(self) -> str | None:
+        """Why this model cannot be tested for shift (None when it can): no embedding output in the graph."""
+        if not self.has_embeddings:
+            return (f"model {self.model_path} has no {EMBEDDING_OUTPUT!r} output (exported before shift detection "
+                    "existed); re-export it with `detflow export` to test for shift")
+        return None
+
+    def require_embeddings(self) -> None:
+        reason = self.embeddings_unavailable()
+        if reason:
+            raise EmbeddingsUnavailable(reason)
+
+    def embedding_reference(self) -> np.ndarray:
+        """The training-split embeddings written by export next to the model (float64 (n, D)), checked against the
+        sha256 in the card. Raises :class:`EmbeddingsUnavailable` with the reason otherwise."""
+        self.require_embeddings()
+        emb = self.card.get("embedding")
+        entry = emb.get("reference") if isinstance(emb, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise EmbeddingsUnavailable(f"model card {self.card_path} names no embedding reference sample; "
+                                        "re-export the model with `detflow export`")
+        path = self.model_path.parent / entry["file"]
+        if not path.is_file():
+            raise EmbeddingsUnavailable(f"embedding reference {path} not found (export writes it next to the model)")
+        if sha256_file(path) != entry.get("sha256"):
+            raise EmbeddingsUnavailable(f"checksum mismatch for {path}: it is not the reference sample the card "
+                                        "describes; re-export the model")
+        try:
+            ref = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise EmbeddingsUnavailable(f"cannot read embedding reference {path}: {e}") from None
+        if ref.ndim != 2 or not np.isfinite(ref).all():
+            raise EmbeddingsUnavailable(f"embedding reference {path} is not a finite 2-D array (shape {ref.shape})")
+        return ref.astype(np.float64)
 
     def predict_stream(self, sources: Iterable[S], batch: int = 1, workers: int = 1,
-                       decode: Callable[[S], np.ndarray] | None = None) -> Iterator[StreamResult[S]]:
+                       decode: Callable[[S], np.ndarray] | None = None,
+                       embeddings: bool = False) -> Iterator[StreamResult[S]]:
         """Decode and predict a stream of inputs, ``batch`` images per model call and ``workers`` calls at once;
         results come back in input order, one per input.
 
         An input that cannot be decoded comes back with ``error`` set (an ``ImageLoadError`` or ``OSError``); any
         other exception stops the stream. At most ``2 x workers`` batches are in flight, so memory stays bounded
         whatever the stream's length. For CPU throughput build the detector with ``threads`` from
-        :func:`plan_workers` (one intra-op thread per worker).
+        :func:`plan_workers` (one intra-op thread per worker). ``embeddings``: also set each result's
+        ``embedding`` (see :meth:`predict_with_embeddings`; a model without the output raises at once).
         """
         from pipeline.data.imaging import ImageLoadError
 
         if batch < 1 or workers < 1:
             raise ValueError(f"batch and workers must be >= 1, got batch={batch}, workers={workers}")
         load = decode or (lambda src: self.decode(src).rgb)  # type: ignore[arg-type]
+        if embeddings:
+            self.require_embeddings()
 
         def work(chunk: list[S]) -> list[StreamResult[S]]:
             out: list[StreamResult[S]] = []
@@ -285,8 +377,11 @@ class OnnxDetector:
                 except (ImageLoadError, OSError) as e:
                     out.append(StreamResult(src, error=e))
             good = [r for r in out if r.error is None]
-            for r, dets in zip(good, self.predict([r.rgb for r in good]), strict=True):  # [] in, [] out
-                r.detections = dets
+            dets, emb = self._predict([r.rgb for r in good], None, None, None, embeddings)  # [] in, [] out
+            for i, (r, d) in enumerate(zip(good, dets, strict=True)):
+                r.detections = d
+                if emb is not None:
+                    r.embedding = emb[i]
             return out
 
         def chunks() -> Iterator[list[S]]:

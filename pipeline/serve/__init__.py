@@ -10,6 +10,8 @@ Endpoints
   POST /v1/detect        multipart field ``file``: one JPEG/PNG/DICOM file (type from the bytes)
   POST /v1/detect/batch  repeated multipart field ``files`` (at most ``max_batch_files``); 200 with per-item status
   GET  /v1/model         the model card, providers in use, limits
+  GET  /v1/shift         shift detection: the rolling window of request embeddings (DETFLOW_SERVE_SHIFT_WINDOW,
+                         _EVERY, _ALPHA, _PERMUTATIONS) tested against the model's training reference; also in /metrics
   GET  /health/live      200 while the process runs
   GET  /health/ready     200 after the model loaded and one warm-up inference ran, else 503
   GET  /metrics          Prometheus text (model sha256, classes, traffic)

@@ -37,6 +37,17 @@ class Metrics:
         self.provider = Gauge("detflow_serve_provider_active", "1 for each onnxruntime provider in use",
                               ["provider"], registry=r)
         self.model = Info("detflow_serve_model", "the served model", registry=r)
+        self.shift_available = Gauge("detflow_serve_shift_available", "1 when request embeddings are tested for "
+                                     "shift (model with embedding output and reference sample)", registry=r)
+        self.shift_statistic = Gauge("detflow_serve_shift_statistic", "MMD² of the rolling window against the "
+                                     "training reference (NaN until the window holds enough images)", registry=r)
+        self.shift_p_value = Gauge("detflow_serve_shift_p_value", "permutation p-value of the latest shift test "
+                                   "(NaN until computed)", registry=r)
+        self.shift_shifted = Gauge("detflow_serve_shift_flag", "1 when the latest shift test has p < alpha",
+                                   registry=r)
+        self.shift_window_fill = Gauge("detflow_serve_shift_window_fill", "images in the shift window", registry=r)
+        for g in (self.shift_statistic, self.shift_p_value):
+            g.set(float("nan"))
 
     def count_input_error(self, code: str) -> None:
         self.input_errors.labels(code=code).inc()
@@ -57,6 +68,15 @@ class Metrics:
         self.model.info({"version": version, "sha256": str(card.get("sha256", "")),
                          "family": str(card.get("family", "")), "classes": ",".join(classes),
                          "providers": ",".join(providers)})
+
+    def observe_shift(self, status: Mapping[str, Any]) -> None:
+        """Gauges from a shift status (``ServiceState.shift_status``)."""
+        self.shift_available.set(1 if status.get("available") else 0)
+        self.shift_window_fill.set(status.get("n_window") or 0)
+        result = status.get("result")
+        self.shift_statistic.set(result["statistic"] if result else float("nan"))
+        self.shift_p_value.set(result["p_value"] if result else float("nan"))
+        self.shift_shifted.set(1 if result and result["shifted"] else 0)
 
     def render(self) -> tuple[bytes, str]:
         """(Prometheus text exposition, its content type)."""

@@ -156,8 +156,21 @@ async def ready(request: Request) -> JSONResponse:
 
 async def prometheus(request: Request) -> Response:
     """Prometheus text format (behind the bearer token when DETFLOW_SERVE_METRICS_AUTH is set)."""
-    body, content_type = _state(request).metrics.render()
+    state = _state(request)
+    if state.detector is not None and state.pool is not None:  # shift gauges brought up to date (test if due)
+        await asyncio.get_running_loop().run_in_executor(state.pool, state.shift_status)
+    body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
+
+
+async def shift_status(request: Request) -> dict[str, Any]:
+    """Shift detection: the rolling window of request embeddings tested against the model's training reference
+    (MMD permutation test, recomputed at most every `shift_every` images): availability (and why not), window
+    fill and the latest `result` (statistic, p_value, shifted, ...; null until the window holds 8 images)."""
+    state = _state(request)
+    if state.detector is None:
+        state.require_ready()
+    return await asyncio.get_running_loop().run_in_executor(state.pool, state.shift_status)
 
 
 def router(settings: ServeSettings, guard: Callable[..., None]) -> APIRouter:
@@ -175,6 +188,8 @@ def router(settings: ServeSettings, guard: Callable[..., None]) -> APIRouter:
                                                             401: ERROR_RESPONSES[401],
                                                             404: {"model": ERROR_RESPONSES[401]["model"],
                                                                   "description": "no report next to the model"}})
+    r.add_api_route("/v1/shift", shift_status, methods=["GET"], tags=["model"], dependencies=auth,
+                    responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
     r.add_api_route("/health/live", live, methods=["GET"], tags=["health"])
     r.add_api_route("/health/ready", ready, methods=["GET"], tags=["health"],
                     responses={503: {"description": "not loaded or not warmed up"}})

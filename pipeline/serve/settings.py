@@ -62,6 +62,14 @@ class ServeSettings(BaseModel):
     max_body_reads: int = Field(256, ge=1, description="detection requests receiving their body at once; more get "
                                 "503. Bounds memory and temporary files; stalled uploads leave at body_timeout_s")
 
+    # shift detection (needs a model exported with the embedding output and its reference sample)
+    shift: bool = Field(True, description="keep a rolling window of request embeddings and test it against the "
+                        "training reference (GET /v1/shift, /metrics); off or unavailable: no embeddings fetched")
+    shift_window: int = Field(64, ge=8, description="embeddings in the rolling window (the latest requests' images)")
+    shift_every: int = Field(16, ge=1, description="recompute the test after this many new images, at most")
+    shift_alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the shift flag")
+    shift_permutations: int = Field(200, ge=1, le=100_000, description="permutations for the p-value")
+
     # security
     token: SecretStr | None = Field(None, description="bearer token required on /v1/* when set")
     metrics_auth: bool = Field(False, description="also require the token on /metrics (it shows the model's sha256, "

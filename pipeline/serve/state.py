@@ -19,6 +19,7 @@ from pipeline.serve.intake import Stage
 from pipeline.serve.loading import load_detector
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.settings import ServeSettings
+from pipeline.shift import ShiftMonitor
 
 log = logging.getLogger("pipeline.serve")
 
@@ -37,6 +38,8 @@ class ServiceState:
         self.detector: Any = None
         self.load_error: str | None = None
         self.warmed = False
+        self.shift: ShiftMonitor | None = None  # the rolling window of request embeddings, when available
+        self.shift_reason: str | None = "the model is not loaded yet"  # why not, otherwise
         self.pool: ThreadPoolExecutor | None = None
         self.batcher: MicroBatcher | None = None
         self.background: list[asyncio.Task[Any]] = []
@@ -75,18 +78,62 @@ class ServiceState:
     def set_detector(self, detector: Any) -> None:
         self.detector = detector
         self.metrics.describe_model(self.model_version, detector.card, detector.classes, detector.providers)
+        self.shift, self.shift_reason = self._shift_monitor(detector)
+        self.metrics.observe_shift(self.shift_status(compute=False))
 
-    def predict(self, images: list[np.ndarray]) -> tuple[list[Any], float]:
-        """Runs in the pool: one model call, timed and counted; (detections, milliseconds)."""
+    def _shift_monitor(self, detector: Any) -> tuple[ShiftMonitor | None, str | None]:
+        """The monitor over the model's reference sample, or why there is none (the service serves either way)."""
+        from pipeline.errors import DetflowError
+
+        s = self.settings
+        if not s.shift:
+            return None, "shift detection is off (DETFLOW_SERVE_SHIFT=0)"
+        if not getattr(detector, "has_embeddings", False):
+            reason = getattr(detector, "embeddings_unavailable", lambda: None)()
+            return None, reason or "the model has no embedding output; re-export it with `detflow export`"
+        try:
+            reference = detector.embedding_reference()
+            monitor = ShiftMonitor(reference, window=s.shift_window, every=s.shift_every, alpha=s.shift_alpha,
+                                   n_permutations=s.shift_permutations)
+        except DetflowError as e:
+            log.warning("shift detection unavailable: %s", e)
+            return None, str(e)
+        return monitor, None
+
+    def predict(self, images: list[np.ndarray], track: bool = True) -> tuple[list[Any], float]:
+        """Runs in the pool: one model call, timed and counted; (detections, milliseconds). With a shift monitor
+        (and ``track``) the same call also returns the images' embeddings, added to the rolling window."""
         t0 = time.perf_counter()
-        dets = self.detector.predict(images)
+        monitor = self.shift if track else None
+        if monitor is not None:
+            dets, embeddings = self.detector.predict(images, return_embeddings=True)
+        else:
+            dets = self.detector.predict(images)
         dt = time.perf_counter() - t0
         self.metrics.observe_predict(len(images), dt)
+        if monitor is not None:
+            monitor.add(embeddings)
         return dets, dt * 1000.0
+
+    def shift_status(self, compute: bool = True) -> dict[str, Any]:
+        """What GET /v1/shift answers (and /metrics shows): availability, window fill and the latest test result
+        (recomputed here when due: at most once per ``shift_every`` new images; call it from the pool)."""
+        s = self.settings
+        out: dict[str, Any] = {"available": self.shift is not None, "reason": self.shift_reason,
+                               "alpha": s.shift_alpha, "n_permutations": s.shift_permutations,
+                               "window": s.shift_window, "every": s.shift_every, "n_window": 0, "n_seen": 0,
+                               "result": None}
+        if self.shift is not None:
+            if compute:
+                out.update(self.shift.status())
+            else:
+                out.update(n_window=len(self.shift.window_embeddings()))
+        self.metrics.observe_shift(out)
+        return out
 
     def warm_up(self) -> None:
         size = int(getattr(self.detector, "imgsz", 64) or 64)
-        self.predict([np.full((size, size, 3), 114, np.uint8)])
+        self.predict([np.full((size, size, 3), 114, np.uint8)], track=False)  # not a request: not in the window
         self.mark_warm()
 
     def mark_warm(self) -> None:

@@ -1,30 +1,63 @@
 """ONNX export of a Faster R-CNN: torch.onnx (TorchScript exporter) at a fixed 1x3xSxS input; letterboxing happens
-outside the graph, NMS inside it."""
+outside the graph, NMS inside it. A fourth output, ``embedding``, pools the backbone's FPN maps for shift detection."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline.families.base import ExportSettings
+from pipeline.families.base import EMBEDDING_OUTPUT, ExportSettings, tag_embedding
+
+EMBEDDING_MEANING = ("global average pool of each FPN level the backbone hands to the RPN and ROI heads (in the "
+                     "backbone's level order, 'pool' last), concatenated; computed on the network's own resized, "
+                     "normalised input")
+
+
+def pooled_fpn(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(N, sum of channels): the spatial mean of every FPN level, in the backbone's order."""
+    return torch.cat([f.float().mean(dim=(2, 3)) for f in features.values()], dim=1)
 
 
 class SingleImage(torch.nn.Module):
-    """The model with a tensor interface: (1, 3, S, S) in, (boxes, labels, scores) out."""
+    """The model with a tensor interface: (1, 3, S, S) in, (boxes, labels, scores, embedding) out. The embedding
+    comes from a hook on the backbone during the same forward pass, so it costs one reduction per FPN level."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.inner([images[0]])[0]
-        return out["boxes"], out["labels"], out["scores"]
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        handle = self.inner.backbone.register_forward_hook(lambda _m, _a, out: seen.append(pooled_fpn(out)))
+        try:
+            out = self.inner([images[0]])[0]
+        finally:
+            handle.remove()
+        return out["boxes"], out["labels"], out["scores"], seen[0]
+
+
+def torch_embeddings(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The embedding of each image of an NCHW batch, as the graph computes it (one image per call)."""
+    wrapper = SingleImage(model.eval())
+    with torch.inference_mode():
+        return torch.cat([wrapper(images[i:i + 1])[3] for i in range(len(images))])
 
 
 def export_frcnn(model: torch.nn.Module, work: Path, imgsz: int, settings: ExportSettings) -> Path:
+    import onnx
+
     out = work / "model.onnx"
     dummy = torch.rand(1, 3, imgsz, imgsz)
-    torch.onnx.export(SingleImage(model.eval()), (dummy,), str(out), opset_version=settings.opset,
-                      input_names=["images"], output_names=["boxes", "labels", "scores"], dynamo=False)
+    wrapper = SingleImage(model.eval())
+    with torch.inference_mode():
+        dim = int(wrapper(dummy)[3].shape[1])
+    torch.onnx.export(wrapper, (dummy,), str(out), opset_version=settings.opset,
+                      input_names=["images"], output_names=["boxes", "labels", "scores", EMBEDDING_OUTPUT],
+                      dynamo=False)
+    graph: Any = onnx.load(str(out))
+    tag_embedding(graph, EMBEDDING_MEANING, dim)
+    onnx.save(graph, str(out))
     return out
