@@ -33,6 +33,11 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. 
 MirrorOpt = Annotated[list[Path] | None, typer.Option("--mirror", help="asset mirror folder (repeatable); "
                                                       "default: $DETFLOW_ASSETS")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+RawDirOpt = Annotated[Path, typer.Option(help="DVC-tracked raw assets")]
+PreparedOpt = Annotated[Path, typer.Option(help="prepared dataset folder")]
+ProvidersOpt = Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")]
+PhantomDirOpt = Annotated[Path, typer.Option(help="phantom folder")]
+OnnxModelOpt = Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")]
 
 
 def _params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - Params, imported lazily
@@ -94,10 +99,10 @@ def phantom(
 
 @app.command()
 def prepare(
-    out: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    out: PreparedOpt = Path("data/prepared"),
     report: Annotated[Path, typer.Option(help="validation report")] = Path("reports/data_validation.json"),
-    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
-    phantom_dir: Annotated[Path, typer.Option(help="phantom folder")] = Path("data/raw/phantom"),
+    raw_dir: RawDirOpt = Path("data/raw"),
+    phantom_dir: PhantomDirOpt = Path("data/raw/phantom"),
     mirror: MirrorOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -120,10 +125,10 @@ def prepare(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    data: PreparedOpt = Path("data/prepared"),
     out: Annotated[Path, typer.Option(help="weights folder (best.pt, last.pt, params.yaml)")] = Path("models/train"),
     reports: Annotated[Path, typer.Option(help="training reports folder")] = Path("reports/train"),
-    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    raw_dir: RawDirOpt = Path("data/raw"),
     mirror: MirrorOpt = None,
     trust: Annotated[bool, typer.Option(help="load a pretrained pickle whose sha256 is not pinned")] = False,
     params: ParamsOpt = Path("params.yaml"),
@@ -213,7 +218,7 @@ def evaluate(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="trained checkpoint")] = Path("models/train/best.pt"),
-    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    data: PreparedOpt = Path("data/prepared"),
     reports: Annotated[Path, typer.Option(help="reports folder (gate.json in, parity.json out)")] = Path("reports"),
     out: Annotated[Path, typer.Option(help="folder for model.onnx and model_card.json")] = Path("models"),
     params: ParamsOpt = Path("params.yaml"),
@@ -237,7 +242,7 @@ def export(
 def adapt(
     source: Annotated[Path, typer.Argument(help="unlabelled images of the new site: folder, image, .txt list or "
                                            "COCO .json")],
-    model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
+    model: OnnxModelOpt = Path("models/model.onnx"),
     out: Annotated[Path, typer.Option(help="adapted model folder (model.onnx + model_card.json)")] = Path(
         "models/adapted"),
     pixel_size: Annotated[float | None, typer.Option(help="the new site's pixel size (e.g. um per pixel); the "
@@ -268,13 +273,13 @@ def adapt(
 @app.command()
 def infer(
     source: Annotated[Path, typer.Argument(help="image, folder, DICOM series, file list (.txt) or COCO split (.json)")],
-    model: Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")] = Path("models/model.onnx"),
+    model: OnnxModelOpt = Path("models/model.onnx"),
     out: Annotated[Path, typer.Option(help="output folder: predictions.json, infer_errors.json")] = Path("predictions"),
     batch: Annotated[int, typer.Option(min=1, help="images per session.run")] = 8,
     workers: Annotated[int, typer.Option(min=0, help="model calls at once, each with cores / workers threads; "
                                          "0: auto (cores + 1, at most 8)")] = 0,
     render: Annotated[bool, typer.Option(help="also write images with boxes drawn")] = False,
-    providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
+    providers: ProvidersOpt = "auto",
     require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
     conf: Annotated[float | None, typer.Option(callback=_threshold,
                                                help="score threshold in [0, 1] (default: the card's)")] = None,
@@ -321,7 +326,7 @@ def shift(
     out: Annotated[Path, typer.Option(help="output folder: shift.json, shift_projection.png")] = Path("shift"),
     alpha: Annotated[float, typer.Option(callback=_alpha, help="significance level of the test")] = 0.05,
     permutations: Annotated[int, typer.Option(min=1, help="permutations for the p-value")] = 1000,
-    providers: Annotated[str, typer.Option(help="auto, or a comma list such as CPUExecutionProvider")] = "auto",
+    providers: ProvidersOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Do SOURCE's images come from another site than the training data? MMD permutation test of the model's
@@ -353,7 +358,7 @@ def shift(
 
 @assets_app.command("list")
 def assets_list(
-    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    raw_dir: RawDirOpt = Path("data/raw"),
     mirror: MirrorOpt = None,
     verify: Annotated[bool, typer.Option(help="verify checksums (slower)")] = False,
 ) -> None:
@@ -372,7 +377,7 @@ def assets_list(
 @assets_app.command("fetch")
 def assets_fetch(
     name: str,
-    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
+    raw_dir: RawDirOpt = Path("data/raw"),
     mirror: MirrorOpt = None,
     trust: Annotated[bool, typer.Option(help="accept an asset without a pinned checksum")] = False,
     quiet: QuietOpt = False,
@@ -467,7 +472,7 @@ def flow_run(
 def report(
     reports: Annotated[Path, typer.Option(help="reports folder (metrics, gate, plots, train, external)")] = Path(
         "reports"),
-    data: Annotated[Path, typer.Option(help="prepared dataset folder")] = Path("data/prepared"),
+    data: PreparedOpt = Path("data/prepared"),
     models: Annotated[Path, typer.Option(help="folder of model.onnx, model_card.json and train/")] = Path("models"),
     out: Annotated[Path, typer.Option(help="the report (one self-contained HTML file)")] = Path(
         "reports/report.html"),
@@ -478,8 +483,8 @@ def report(
         "bench/results/inference.json"),
     source: Annotated[Path | None, typer.Option(help="raw dataset folder, for thumbnails of quarantined and fixed "
                                                 "samples (default: data.source resolved as prepare does)")] = None,
-    raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets")] = Path("data/raw"),
-    phantom_dir: Annotated[Path, typer.Option(help="phantom folder")] = Path("data/raw/phantom"),
+    raw_dir: RawDirOpt = Path("data/raw"),
+    phantom_dir: PhantomDirOpt = Path("data/raw/phantom"),
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:

@@ -29,6 +29,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _not_blank(value: str, name: str, expected: str) -> str:
+    """``value`` unless it is empty or only spaces (a YAML key left without a value)."""
+    if not value.strip():
+        raise ValueError(f"{name} is empty; expected {expected}")
+    return value
+
+
 class PhantomParams(_Section):
     patients: int = Field(24, ge=1, le=10_000)
     slices: int = Field(8, ge=1, le=512)
@@ -62,9 +69,7 @@ class DataParams(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("data.source is empty; expected one of: phantom, bccd, or a path to a dataset folder")
-        return v
+        return _not_blank(v, "data.source", "one of: phantom, bccd, or a path to a dataset folder")
 
     @field_validator("window")
     @classmethod
@@ -162,11 +167,7 @@ class TrainParams(_Section):
     @field_validator("pretrained")
     @classmethod
     def _pretrained(cls, v: str) -> str:
-        if v in ("auto", "coco", "none"):
-            return v
-        if not v.strip():
-            raise ValueError("pretrained is empty; expected one of: auto, coco, none, or a path to weights")
-        return v
+        return _not_blank(v, "pretrained", "one of: auto, coco, none, or a path to weights")
 
     @model_validator(mode="after")
     def _model_matches_family(self) -> TrainParams:
@@ -247,9 +248,7 @@ class ExternalSetParams(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("source is empty; expected a path to a labelled dataset (or bccd)")
-        return v
+        return _not_blank(v, "source", "a path to a labelled dataset (or bccd)")
 
     @field_validator("class_map", mode="before")
     @classmethod
