@@ -74,7 +74,7 @@ from pipeline.families import get_family
 from pipeline.fileio import atomic_write_bytes, atomic_write_text
 
 # dvc.yaml's DAG, in topological order
-STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external")
+STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external", "report")
 # Paths as dvc.yaml writes them (relative to the repository root).
 ARTIFACTS = {"onnx": "models/model.onnx", "card": "models/model_card.json", "metrics": "reports/metrics.json",
              "gate": "reports/gate.json", "parity": "reports/parity.json"}
@@ -85,6 +85,7 @@ ENV_REMOTE = "DETFLOW_DVC_REMOTE"
 REMOTE_NAME = "detflow"
 PARAMS_BACKUP = ".detflow/params.yaml.flow-backup"
 REPORT_KEY = "detflow-training-report"
+HTML_REPORT = "reports/report.html"  # `detflow report`: the one page a reviewer reads
 
 
 COLD_START_TIMEOUT_S = 90  # first start measured 7-9 s on 2 shared cores; Prefect's own default (20 s) failed once
@@ -374,9 +375,25 @@ def publish_report(repo: str) -> str:
     docs = read_artifacts(Path(repo))
     markdown = registry.summary_markdown(docs["metrics"], docs["gate"], docs["parity"], docs["card"])
     markdown += external_markdown(Path(repo) / GENERALISATION)
+    if (Path(repo) / HTML_REPORT).is_file():
+        markdown += f"\n\nThe whole run on one page: [{HTML_REPORT}]({(Path(repo) / HTML_REPORT).resolve().as_uri()})\n"
     create_markdown_artifact(markdown=markdown, key=REPORT_KEY, description="detflow training run: metrics, gate, "
                              "parity, model card")
     return markdown
+
+
+@task(name="failed-gate-report", cache_policy=NO_CACHE)
+def failed_gate_report(repo: str) -> str | None:
+    """After a failed gate DVC stops before the report stage: write the page anyway (verdict FAIL, failed checks)."""
+    root = Path(repo)
+    code, out = run_logged([sys.executable, "-m", "pipeline.cli", "report", "--out", HTML_REPORT], root)
+    if code != 0:
+        _logger().warning("the run report could not be written after the failed gate: %s", out.strip()[-300:])
+        return None
+    create_markdown_artifact(markdown=f"Gate FAILED. The whole run on one page: [{HTML_REPORT}]"
+                             f"({(root / HTML_REPORT).resolve().as_uri()})", key=REPORT_KEY,
+                             description="detflow training run: failed gate")
+    return str(root / HTML_REPORT)
 
 
 @task(name="register-promote", cache_policy=NO_CACHE)
@@ -441,7 +458,11 @@ def training_pipeline(overrides: dict[str, Any] | list[str] | None = None, push:
         if remote_name:
             dvc_pull(str(root), remote_name)
         fetched = fetch_assets(params, root)
-        stages = {stage: dvc_stage(stage, str(root)) for stage in STAGES}
+        try:
+            stages = {stage: dvc_stage(stage, str(root)) for stage in STAGES}
+        except GateFailed:
+            failed_gate_report(str(root))
+            raise
         if push and remote_name:
             dvc_push(str(root), remote_name)
     publish_report(str(root))

@@ -68,6 +68,12 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     # `detflow evaluate --external`: the exported model, and the internal scores it is compared with. The sets
     # themselves are the `external` param (see NOT_DEPS).
     "external": ("models/model.onnx", "models/model_card.json", "reports/metrics.json"),
+    # `detflow report`: every result it shows (the run's params come from models/train/params.yaml)
+    "report": ("data/prepared", "reports/data_validation.json", "models/train", "reports/train/transfer.json",
+               "reports/train/summary.json", "reports/train/results.csv", "reports/metrics.json", "reports/gate.json",
+               "reports/eval/predictions.json", "reports/plots/pr", "reports/plots/confusion.json",
+               "models/model.onnx", "models/model_card.json", "reports/parity.json", "reports/shift.json",
+               "reports/external", "reports/generalisation.json"),
 }
 
 # Files read on purpose without being DVC deps: stage -> {path (repository-relative) -> why}.
@@ -84,6 +90,12 @@ NOT_DEPS: dict[str, dict[str, str]] = {
         "promotion rerun evaluate -> export -> infer. Its path is tracked (params `gate`), the champion value "
         "that was compared is written into reports/gate.json (`champion_map50`), and a promotion is checked "
         "again by the registry, not by DVC. (The path is params gate.champion; this is its default.)")},
+    "report": {
+        "<the raw source of data.source>": (
+            "read only for thumbnails of the samples the validation report lists as quarantined or fixed; a change of "
+            "the raw data reruns prepare, whose reports/data_validation.json (a dep) then changes too."),
+        "dvc.lock": "shown as provenance; it is rewritten when this stage runs, so a dep on it would be circular.",
+        "bench/results/inference.json": "optional: latency shown when a benchmark was run (bench/ is not a stage)."},
     "external": {"<each external[].source in params.yaml>": (
         "the external sets are a list in params.yaml of any length, empty by default; dvc.yaml cannot list a "
         "variable number of deps in one stage, and one stage per set (`foreach`, which DVC 3.67 accepts over an "

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DetflowError
-from pipeline.fileio import atomic_write_json, sha256_file
+from pipeline.fileio import atomic_write_json, private_workdir, remove_leftovers, sha256_file
 
 DEFAULT_ROOT = Path("models/registry")
 CHAMPION = "champion.json"
 HISTORY = "history.jsonl"
 MANIFEST = "version.json"
 SCHEMA = "detflow-registry/1"
+OPTIONAL_FILES = ("embedding_reference.npy", "report.html")  # copied into a version when export left them
 # name inside a version folder -> what it is; model.onnx and model_card.json keep their names so that
 # OnnxDetector(v<N>/model.onnx) finds the card next to the model.
 ARTIFACTS = ("model.onnx", "model_card.json", "metrics.json", "gate.json", "parity.json")
@@ -200,6 +200,8 @@ def register(onnx: str | os.PathLike[str], card: str | os.PathLike[str], metrics
     missing = [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
     if missing:
         raise RegistryError(f"cannot register: missing {', '.join(missing)}; run the export stage first")
+    # optional companions of the model: the shift test's reference sample and the run report (served by the service)
+    files.update({name: Path(onnx).parent / name for name in OPTIONAL_FILES if (Path(onnx).parent / name).is_file()})
     sha = sha256_file(files["model.onnx"])
     card_doc = _read_json(files["model_card.json"])
     if card_doc.get("sha256") not in (None, sha):
@@ -214,7 +216,8 @@ def register(onnx: str | os.PathLike[str], card: str | os.PathLike[str], metrics
 
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging."))
+        remove_leftovers(root / "version")  # staging folders of killed registrations
+        staging = private_workdir(root, "version")  # the umask's modes: the serving user reads versions too
         try:
             for name, src in files.items():
                 shutil.copyfile(src, staging / name)

@@ -21,7 +21,7 @@ from pipeline import lineage
 
 REPO = Path(__file__).resolve().parent.parent
 DVC_YAML = REPO / "dvc.yaml"
-STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external")
+STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external", "report")
 COMMAND = {"external": "evaluate"}  # stage -> its detflow command where the two names differ
 
 

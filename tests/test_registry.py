@@ -194,3 +194,25 @@ def test_corrupt_champion_pointer_is_one_clear_error(tmp_path: Path) -> None:
     pointer.write_bytes(b"\xff\xfe{}")
     with pytest.raises(DetflowError, match="is not valid JSON"):
         champion_metrics(pointer)
+
+
+def test_versions_are_readable_by_others_and_keep_the_models_companions(tmp_path: Path, root: Path) -> None:
+    """The serving image's user reads a mounted registry: modes follow the umask (not tempfile's 0700), and the
+    shift reference and the run report travel with the model."""
+    import stat
+
+    a = _artifacts(tmp_path, "c")
+    (a["onnx"].parent / "embedding_reference.npy").write_bytes(b"npy")
+    (a["onnx"].parent / "report.html").write_text("<html></html>")
+    (root / ".version.staging.999999.0123abcd").mkdir(parents=True)  # left by a killed registration
+    old = os.umask(0o022)
+    try:
+        v = registry.register(a["onnx"], a["card"], a["metrics"], a["gate"], a["parity"], root)
+    finally:
+        os.umask(old)
+    folder = root / v
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert (folder / "report.html").read_text() == "<html></html>" and (folder / "embedding_reference.npy").is_file()
+    manifest = json.loads((folder / "version.json").read_text())
+    assert {"report.html", "embedding_reference.npy", "model.onnx"} <= set(manifest["files"])
+    assert not (root / ".version.staging.999999.0123abcd").exists()

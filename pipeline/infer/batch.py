@@ -161,6 +161,9 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
             summary.shift = doc
         except (ShiftError, EmbeddingsUnavailable) as e:
             summary.shift_note = str(e)
+            # written all the same: a stale result of an earlier run must not stand beside these predictions
+            atomic_write_json(out_dir / SHIFT_FILE, {"tested": False, "reason": summary.shift_note,
+                                                     "source": source_name})
     return summary
 
 
