@@ -45,6 +45,9 @@ outputs (``dvc push``) so a CPU machine can ``dvc pull`` the trained model inste
 the ``remote`` flow parameter, else ``$DETFLOW_DVC_REMOTE`` (a URL such as ``s3://bucket/detflow`` or a local/NFS
 folder; it is added to ``.dvc/config.local`` as remote ``detflow``), else the repository's default DVC remote. With
 none of these, pull/push are skipped (``push=True`` without a remote is an error). Tests use a local folder.
+
+Size: Prefect wants tasks at module level; the flow, its tasks and the cold-start handling of the local
+server are one unit of orchestration (no domain logic).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ in order, and uses the first copy whose checksum matches:
 Checksums are verified whichever way a file arrives, because a ``.pt`` checkpoint is a pickle that can run code when
 loaded, and because a silently different dataset makes every metric downstream meaningless. A copy that fails its
 checksum is skipped (and reported), never used. Nothing here touches the disk or the network at import time.
+
+Size: about a third is the manifest (data); the rest is the one resolver every asset goes through.
 """
 
 from __future__ import annotations

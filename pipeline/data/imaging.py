@@ -4,6 +4,9 @@
 inference and the HTTP service: the type is sniffed from the content (never the file name), the pixel limit is
 checked from the headers before any pixel is decoded, EXIF orientation is applied, and every problem with the input
 is an :class:`ImageLoadError` with a ``kind``. Torch-free on purpose: the serving image imports this module too.
+
+Size: the one decoder on purpose (JPEG/PNG/DICOM by content, EXIF, windowing, pixel limits, spacing), so
+that prepare, the engine and the service cannot drift apart.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Layout under ``out_dir``::
 
     dicom/PHANTOM-0001/000.dcm ...   one CT slice per file, one series per patient
     boxes.csv                        file,sop_instance_uid,x_min,y_min,x_max,y_max,label (nodules only)
+
+Size: the anatomy, the scanner model (spacing, noise, kernel, calibration) and the DICOM writer of one
+synthetic dataset; they share its geometry.
 """
 
 from __future__ import annotations

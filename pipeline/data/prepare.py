@@ -1,4 +1,8 @@
-"""The prepare stage: raw dataset -> validated, patient-split canonical dataset (YOLO + COCO + manifest)."""
+"""The prepare stage: raw dataset -> validated, patient-split canonical dataset (YOLO + COCO + manifest).
+
+Size: the stage itself: read, decode and validate, de-duplicate, split, count (totals), publish
+atomically; each step is a function, kept beside the others so the order of the rules is visible.
+"""
 
 from __future__ import annotations
 

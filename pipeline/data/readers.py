@@ -5,6 +5,9 @@ Readers parse annotations only; pixels are decoded (and judged) once, later, by 
 Annotation problems found here are returned as :class:`Problem` records, never raised: a reader raises
 :class:`DataError` only when the dataset as a whole cannot be read (no class names, no annotation file).
 Every file under the dataset folder ends up used or recorded (see :func:`inventory`).
+
+Size: four formats and the mixed folder share the hostile-input rules (encodings, accounting of every
+file); one module keeps those rules identical across formats.
 """
 
 from __future__ import annotations

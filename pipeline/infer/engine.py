@@ -3,6 +3,9 @@
 It never imports torch. It loads ``model.onnx`` with its ``model_card.json``, verifies the checksum and the
 card against the graph, chooses execution providers and reports the ones actually active (onnxruntime-gpu
 silently falls back to CPU when CUDA libraries are missing), and runs the shared pre/post-processing.
+
+Size: one class, the whole inference path (session and providers, decoding, batching, post-processing,
+streaming workers, embeddings); split, the path a request takes would be spread over files.
 """
 
 from __future__ import annotations

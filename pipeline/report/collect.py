@@ -1,6 +1,10 @@
 """Read a run's files into the report's sections. Each section is a plain dict; a missing input never raises, it
 becomes a line in the section's ``missing`` list, so the report also renders after a failed gate (no card, no
-parity) or before optional stages (external evaluation, shift test, benchmark) ever ran."""
+parity) or before optional stages (external evaluation, shift test, benchmark) ever ran.
+
+Size: one reader per section of the report, side by side, so the page and its inputs are checked in one
+place.
+"""
 
 from __future__ import annotations
 

@@ -30,6 +30,9 @@ not None (an unstripped training checkpoint, where the EMA weights are the ones 
 exports), else ``model``. Its ``state_dict()`` has 349 entries: 342 in layers 0-23 (57 Conv+BN blocks x 6
 tensors, 1,757,152 learnable parameters) and 7 in the anchor-based Detect head (``model.24.anchors``,
 ``model.24.m.{0,1,2}.{weight,bias}``), which has no counterpart in Ultralytics' anchor-free head.
+
+Size: the restricted unpickler and the transfer rules are security-relevant and are meant to be read
+together, top to bottom.
 """
 
 from __future__ import annotations
