@@ -327,7 +327,7 @@ def test_generalisation_drop_is_none_where_a_side_is_undefined() -> None:
 def test_flow_report_has_the_external_section(tmp_path: Path) -> None:
     from flows.training import STAGES, external_markdown
 
-    assert STAGES[-1] == "external"
+    assert STAGES[-2:] == ("external", "report")  # scored after export; the run report shows it, last
     assert "not run" in external_markdown(tmp_path / "missing.json")
     path = tmp_path / "generalisation.json"
     path.write_text(json.dumps(generalisation_table(
