@@ -71,7 +71,7 @@ from prefect.exceptions import MissingContextError
 
 from pipeline import assets, registry
 from pipeline.config import Params, load_params, parse_override
-from pipeline.errors import ConfigError, DetflowError
+from pipeline.errors import AssetError, ConfigError, DetflowError
 from pipeline.evaluate.gate import GateFailed, gate_table
 from pipeline.families import get_family
 from pipeline.fileio import atomic_write_bytes, atomic_write_text
@@ -341,9 +341,18 @@ def external_markdown(path: Path) -> str:
 
 @task(name="asset-fetch", task_run_name="asset-fetch-{name}", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS,
       cache_policy=NO_CACHE)
-def asset_fetch(name: str, repo: str) -> str:
-    """Verified path of a named asset (raw copy, mirror, or download), see :func:`pipeline.assets.resolve`."""
-    return str(assets.resolve(name, raw_dir=Path(repo) / "data" / "raw", progress=False))
+def asset_fetch(name: str, repo: str, required: bool = True) -> str | None:
+    """Verified path of a named asset (raw copy, mirror, or download), see :func:`pipeline.assets.resolve`. An
+    optional asset that cannot be had is None (one warning line, no retries, no traceback): the train stage
+    resolves it again and falls back as configured."""
+    try:
+        return str(assets.resolve(name, raw_dir=Path(repo) / "data" / "raw", progress=False))
+    except AssetError as e:
+        if required:
+            raise  # retried (a download may come back), then the flow fails
+        _logger().warning("optional asset %s is unavailable (%s); the train stage falls back as configured "
+                          "(pretrained=auto -> from scratch)", name, e.summary)
+        return None
 
 
 @task(name="dvc-pull", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS, cache_policy=NO_CACHE)
@@ -420,15 +429,8 @@ def fetch_assets(params: Params, repo: Path) -> dict[str, str]:
     """Resolve the assets the params need; an optional one (pretrained=auto) that fails is logged, not fatal."""
     out: dict[str, str] = {}
     for name, required in needed_assets(params):
-        state = asset_fetch(name, str(repo), return_state=True)
-        if state.is_completed():
-            out[name] = state.result()
-        elif required:
-            state.result()  # re-raises the AssetError: the flow fails here
-        else:
-            _logger().warning("optional asset %s is unavailable; the train stage falls back as configured "
-                                     "(pretrained=auto -> from scratch)", name)
-            out[name] = "unavailable"
+        path = asset_fetch(name, str(repo), required)  # a required one that fails raises: the flow fails here
+        out[name] = path if path is not None else "unavailable"
     return out
 
 
