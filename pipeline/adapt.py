@@ -230,16 +230,30 @@ class AdaptResult:
     adaptation: dict[str, Any]
 
 
+def _companions(card: dict[str, Any]) -> list[str]:
+    """Files the card names next to the model (the shift test's reference sample and its patients)."""
+    ref = (card.get("embedding") or {}).get("reference") if isinstance(card.get("embedding"), dict) else None
+    if not isinstance(ref, dict):
+        return []
+    names = [ref.get("file"), (ref.get("groups") or {}).get("file") if isinstance(ref.get("groups"), dict) else None]
+    own = ("model.onnx", "model_card.json")
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in own]
+
+
 def _publish(model: Path, card: dict[str, Any], out_dir: Path) -> None:
-    """``model.onnx`` (hard link, else copy) and the adapted card, replaced together."""
+    """``model.onnx`` (hard link, else copy), the files the card names beside it, and the adapted card, replaced
+    together."""
     from pipeline.fileio import atomic_outputs
 
-    with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json") as (model_staged, card_staged):
-        try:
-            os.link(model, model_staged)
-        except OSError:
-            shutil.copyfile(model, model_staged)
-        card_staged.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    sources = [model, *(model.parent / n for n in _companions(card) if (model.parent / n).is_file())]
+    targets = [out_dir / "model.onnx", *(out_dir / s.name for s in sources[1:]), out_dir / "model_card.json"]
+    with atomic_outputs(*targets) as staged:
+        for src, dst in zip(sources, staged[:-1], strict=True):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        staged[-1].write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
 def adapt_model(model: Path, source: Path, out_dir: Path, *, pixel_size: float | None = None,

@@ -342,9 +342,10 @@ def shift(
     workers, threads = plan_workers(0)
     detector = OnnxDetector(model, providers=providers, threads=threads)
     run = run_shift(detector, items, out, source=str(source), alpha=alpha, n_permutations=permutations,
-                    workers=workers, progress=_progress(quiet))
+                    workers=workers, progress=_progress(quiet), source_path=source)
     r = run.result
-    typer.echo(f"shift: {run.n_images} images vs {r.n_reference} reference, MMD² {r.statistic:.4g}, p = "
+    units = f" ({r.n_target_groups} vs {r.n_reference_groups} patients)" if r.permutation_unit == "patient" else ""
+    typer.echo(f"shift: {run.n_images} images vs {r.n_reference} reference{units}, MMD² {r.statistic:.4g}, p = "
                f"{r.p_value:.3g}: {'SHIFTED' if r.shifted else 'no shift detected'} at alpha {r.alpha} "
                f"-> {out / 'shift.json'}")
     try:

@@ -42,7 +42,8 @@ CHAMPION = "champion.json"
 HISTORY = "history.jsonl"
 MANIFEST = "version.json"
 SCHEMA = "detflow-registry/1"
-OPTIONAL_FILES = ("embedding_reference.npy", "report.html")  # copied into a version when export left them
+# copied into a version when export left them: the shift test's reference sample and its patients, the run report
+OPTIONAL_FILES = ("embedding_reference.npy", "embedding_reference_groups.npy", "report.html")
 # name inside a version folder -> what it is; model.onnx and model_card.json keep their names so that
 # OnnxDetector(v<N>/model.onnx) finds the card next to the model.
 ARTIFACTS = ("model.onnx", "model_card.json", "metrics.json", "gate.json", "parity.json")

@@ -189,6 +189,11 @@ def test_adapt_pixel_size_for_images_without_tags(exported: dict[str, Path], tmp
     engine = OnnxDetector(tmp_path / "a" / "model.onnx", providers="CPUExecutionProvider")
     png = engine.decode(sorted(images.rglob("*.png"))[0]).rgb
     assert target_size(png, 64, engine.scaling, fixed=False, stride=engine.stride) == 32  # half the field of view
+    # the adapted folder is a whole model: the shift test's reference (and its patients) come with it
+    ref = engine.embedding_reference()
+    assert ref.shape == OnnxDetector(exported["onnx"], providers="CPUExecutionProvider").embedding_reference().shape
+    groups = engine.embedding_reference_groups(len(ref))
+    assert groups is not None and len(groups) == len(ref)
 
 
 def test_adapt_object_scale_on_the_tiny_model(exported: dict[str, Path], tmp_path: Path) -> None:

@@ -157,3 +157,101 @@ def test_projection_picture(tmp_path: Path) -> None:
     out = plot_projection(ref, tgt, tmp_path / "pics" / "shift.png", result=mmd_test(ref, tgt, n_permutations=20))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     assert [p.name for p in (tmp_path / "pics").iterdir()] == ["shift.png"]
+
+
+# --------------------------------------------------------------------------- patients as the unit
+
+
+def clustered(rng: np.random.Generator, patients: int, per_patient: int, shift: float = 0.0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Slices of one patient share a strong patient effect (as CT slices of one body do): not exchangeable."""
+    effect = np.repeat(rng.normal(size=(patients, D)), per_patient, axis=0)
+    x = np.maximum((effect + 0.3 * rng.normal(size=(patients * per_patient, D)) + shift) @ MIX, 0.0)
+    return x, np.repeat([f"p{rng.integers(1 << 30)}-{i}" for i in range(patients)], per_patient)
+
+
+def test_patient_level_test_is_calibrated_where_the_image_level_one_is_not() -> None:
+    """Reference 14 patients x 8 slices, target 5 new same-site patients x 8 (the phantom's finding: the image
+    test flagged such a test split at p = 0.001). 40 draws at alpha 0.05: the image-level test flags nearly all,
+    the patient-level one at most 10%; also when the target's patients are unknown and each image is a different
+    patient. Measured here: image-level 40/40, patient-level 3/40, unknown-target 0/40."""
+    rng = np.random.default_rng(10)
+    image_level = patient_level = singles = 0
+    for i in range(40):
+        ref, ref_g = clustered(rng, 14, 8)
+        tgt, tgt_g = clustered(rng, 5, 8)
+        image_level += mmd_test(ref, tgt, n_permutations=200, seed=i).shifted
+        r = mmd_test(ref, tgt, n_permutations=200, seed=i, reference_groups=ref_g, target_groups=tgt_g)
+        patient_level += r.shifted
+        assert r.permutation_unit == "patient" and (r.n_reference_groups, r.n_target_groups) == (14, 5)
+        one_each, _ = clustered(rng, 40, 1)
+        singles += mmd_test(ref, one_each, n_permutations=200, seed=i, reference_groups=ref_g).shifted
+    assert image_level >= 30
+    assert patient_level <= 4 and singles <= 4
+
+
+def test_patient_level_test_still_detects_a_site_change() -> None:
+    rng = np.random.default_rng(11)
+    ref, ref_g = clustered(rng, 32, 8)
+    for seed in range(3):
+        tgt, tgt_g = clustered(rng, 8, 8, shift=1.0)  # a site offset of one patient-to-patient s.d.
+        r = mmd_test(ref, tgt, n_permutations=500, seed=seed, reference_groups=ref_g, target_groups=tgt_g)
+        assert r.p_value < 0.01 and r.shifted
+
+
+def test_without_groups_nothing_changes() -> None:
+    """No groups, or every row its own group: the image-level MMD²_u test, the same permutations and p-value."""
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(30, 6)), rng.normal(size=(20, 6)) + 0.3
+    plain = mmd_test(a, b, n_permutations=300, seed=5)
+    own = mmd_test(a, b, n_permutations=300, seed=5, reference_groups=[f"r{i}" for i in range(30)],
+                   target_groups=[None] * 20)
+    assert plain.permutation_unit == own.permutation_unit == "image"
+    assert own.statistic == pytest.approx(plain.statistic, rel=1e-12) and own.p_value == plain.p_value
+
+
+def test_grouped_statistic_leaves_out_within_patient_pairs() -> None:
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(5, 3)) + 0.4
+    gx, gy = np.array([0, 0, 1, 1, 2, 2]), np.array([7, 7, 8, 9, 9])
+    bw = 1.3
+
+    def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.exp(-((a[:, None, :] - b[None, :, :]) ** 2).sum(-1) / (2 * bw * bw))
+
+    def within_mean(kk: np.ndarray, g: np.ndarray) -> float:
+        keep = g[:, None] != g[None, :]
+        return float(kk[keep].mean())
+
+    expected = within_mean(k(x, x), gx) + within_mean(k(y, y), gy) - 2 * k(x, y).mean()
+    r = mmd_test(x, y, n_permutations=20, bandwidth=bw, min_samples=5, reference_groups=gx, target_groups=gy)
+    assert r.statistic == pytest.approx(expected, rel=1e-10)
+    # equal labels on both sides are still different patients (the reference and target units never merge)
+    same_labels = mmd_test(x, y, n_permutations=20, bandwidth=bw, min_samples=5, reference_groups=gx,
+                           target_groups=[0, 0, 1, 2, 2])
+    assert same_labels.n_reference_groups == 3 and same_labels.n_target_groups == 3
+
+
+def test_group_errors_are_one_line() -> None:
+    rng = np.random.default_rng(14)
+    ref, tgt = rng.normal(size=(16, 4)), rng.normal(size=(16, 4))
+    cases = [({"reference_groups": ["a"] * 15}, "15 reference group ids for 16 reference embeddings"),
+             ({"target_groups": ["one"] * 16}, "the target sample holds 1 patient"),
+             ({"reference_groups": ["a"] * 8 + ["b"] * 8, "target_groups": ["c"] * 8 + ["d"] * 8},
+              "allow only 6 distinct relabellings")]
+    for kwargs, message in cases:
+        with pytest.raises(ShiftError, match=message) as info:
+            mmd_test(ref, tgt, **kwargs)
+        assert "\n" not in str(info.value)
+
+
+def test_monitor_keeps_the_reference_patients() -> None:
+    rng = np.random.default_rng(15)
+    ref, ref_g = clustered(rng, 12, 8)
+    window, _ = clustered(rng, 24, 1)
+    mon = ShiftMonitor(ref, window=24, every=4, n_permutations=100, seed=2, reference_groups=ref_g)
+    mon.add(window)
+    res = mon.current()
+    offline = mmd_test(ref, window, n_permutations=100, seed=2, reference_groups=ref_g)
+    assert res is not None and res.permutation_unit == "patient" and res.n_reference_groups == 12
+    assert res.statistic == pytest.approx(offline.statistic, rel=1e-9) and res.p_value == offline.p_value

@@ -181,7 +181,11 @@ def test_shift_command_same_site_vs_inverted(exported: dict[str, Path], sites: d
     det = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
     files = sorted(sites["inverted"].iterdir())
     vectors = np.concatenate([det.predict_with_embeddings([det.decode(p).rgb])[1] for p in files])
-    again = mmd_test(det.embedding_reference(), vectors, n_permutations=500)
+
+    reference = det.embedding_reference()
+    groups = det.embedding_reference_groups(len(reference))
+    assert groups is not None and groups.shape == (len(reference),)  # export records each row's patient
+    again = mmd_test(reference, vectors, n_permutations=500, reference_groups=groups)
     assert again.statistic == pytest.approx(docs["inverted"]["statistic"], rel=1e-6)
     assert again.p_value == docs["inverted"]["p_value"]
 
@@ -194,13 +198,14 @@ def test_infer_writes_a_shift_section(exported: dict[str, Path], sites: dict[str
     assert doc["n_target"] == len(list(sites["same"].iterdir())) and not doc["shifted"]
     assert "shift: MMD²" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["infer_errors.json", "predictions.json", "shift.json"]
-    # too few images or an older model: no shift.json, the summary says why
+    # too few images or an older model: shift.json says it was not tested and why, and so does the summary
     for src, model, why in ((sites["few"], exported["onnx"], "3 image(s) read; the shift test needs at least 8"),
                             (sites["same"], sites["old"] / "model.onnx", "has no 'embedding' output")):
         out = sites["root"] / f"infer_{src.name}_{model.parent.name}"
         r = detflow(sites["root"], "infer", str(src), "--model", str(model), "--out", str(out))
         assert r.returncode == 0, r.stdout + r.stderr
-        assert not (out / "shift.json").exists()
+        note = json.loads((out / "shift.json").read_text())
+        assert note["tested"] is False and why in note["reason"] and note["source"] == str(src)
         assert "shift: not tested: " in r.stdout and why in r.stdout, r.stdout
 
 
@@ -249,7 +254,9 @@ def test_service_window_equals_mmd_test(exported: dict[str, Path], engine: Any, 
         status = client.get("/v1/shift", headers=auth).json()
         metrics = client.get("/metrics").text
     vectors = np.concatenate([engine.predict_with_embeddings([engine.decode(p).rgb])[1] for p in files])
-    expected = mmd_test(engine.embedding_reference(), vectors, alpha=0.05, n_permutations=300)
+    reference = engine.embedding_reference()  # the service tests whole patients of the reference, as the CLI does
+    expected = mmd_test(reference, vectors, alpha=0.05, n_permutations=300,
+                        reference_groups=engine.embedding_reference_groups(len(reference)))
     assert status["n_window"] == len(files) and status["n_seen"] == len(files)
     res = status["result"]
     assert res["statistic"] == pytest.approx(expected.statistic, rel=1e-6, abs=1e-12)
@@ -277,3 +284,62 @@ def test_service_without_embeddings_says_so(sites: dict[str, Path], train_images
         metrics = client.get("/metrics").text
     assert status["available"] is False and "has no 'embedding' output" in status["reason"]
     assert "detflow_serve_shift_available 0.0" in metrics
+
+
+# ------------------------------------------------------------------------------------------- patients
+
+
+def test_source_groups_name_each_inputs_patient(tmp_path: Path) -> None:
+    """COCO splits carry the patient, DICOM files their PatientID (hashed), plain images none (their own unit)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from pipeline.infer.batch import collect_sources, source_groups
+
+    (tmp_path / "images").mkdir()
+    for n in ("a.png", "b.png", "c.png"):
+        (tmp_path / "images" / n).write_bytes(b"x")
+    coco = {"images": [{"id": 1, "file_name": "images/a.png", "patient": "p1"},
+                       {"id": 2, "file_name": "images/b.png", "patient": "p1"},
+                       {"id": 3, "file_name": "images/c.png"}], "annotations": [], "categories": []}
+    (tmp_path / "split.json").write_text(json.dumps(coco))
+    items = collect_sources(tmp_path / "split.json")
+    assert source_groups(tmp_path / "split.json", items) == ["p1", "p1", None]
+    assert source_groups(tmp_path / "images", collect_sources(tmp_path / "images")) == [None, None, None]
+    dcm = tmp_path / "dicom"
+    dcm.mkdir()
+    for i, pid in enumerate(["SECRET-1", "SECRET-1", "SECRET-2"]):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT image storage
+        ds.PatientID = pid
+        ds.save_as(dcm / f"{i}.dcm", enforce_file_format=True)
+    groups = source_groups(dcm, collect_sources(dcm))
+    assert groups[0] == groups[1] != groups[2] and all(g.startswith("dicom:") and "SECRET" not in g for g in groups)
+
+
+def test_reference_groups_are_optional_and_checked(tmp_path: Path) -> None:
+    """A card without a groups entry (exported before it): None, the image-level test; a named file must match
+    its sha256 and the reference's rows, else one clear error."""
+    from pipeline.infer.engine import EmbeddingsUnavailable, OnnxDetector
+
+    groups = np.array(["p1", "p1", "p2"])
+    with open(tmp_path / "g.npy", "wb") as f:
+        np.save(f, groups, allow_pickle=False)
+    entry = {"file": "g.npy", "sha256": sha256_file(tmp_path / "g.npy")}
+
+    def det(ref: dict[str, Any]) -> Any:  # the card and paths are all the method reads: no session needed
+        d = object.__new__(OnnxDetector)
+        d.card, d.model_path, d.card_path = {"embedding": {"reference": ref}}, tmp_path / "model.onnx", tmp_path / "c"
+        return d
+
+    assert det({"file": "r.npy"}).embedding_reference_groups(3) is None
+    assert det({"file": "r.npy", "groups": entry}).embedding_reference_groups(3).tolist() == ["p1", "p1", "p2"]
+    for ref, n, message in (({"groups": entry}, 4, "have shape \\(3,\\), the reference has 4 rows"),
+                            ({"groups": {**entry, "sha256": "0" * 64}}, 3, "checksum mismatch"),
+                            ({"groups": {**entry, "file": "missing.npy"}}, 3, "not found")):
+        with pytest.raises(EmbeddingsUnavailable, match=message):
+            det(ref).embedding_reference_groups(n)

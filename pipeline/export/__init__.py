@@ -33,6 +33,9 @@ from pipeline.fileio import (
 
 #: The reference sample for shift detection, beside the model: float32 (rows, D) embeddings of training images.
 REFERENCE_FILE = "embedding_reference.npy"
+#: The patient (pseudonym from prepare) of each reference row, a parallel unicode array: the shift test permutes
+#: patients, not slices (pipeline.shift). Models exported before it have only REFERENCE_FILE (image-level test).
+REFERENCE_GROUPS_FILE = "embedding_reference_groups.npy"
 REFERENCE_ROWS = 256  # enough for the MMD test's power at 64 target images, small next to the model (~0.5 MB)
 
 
@@ -108,29 +111,38 @@ def _versions() -> dict[str, str]:
 
 
 def reference_sample(detector: Any, prepared: Path, rows: int = REFERENCE_ROWS, seed: int = 0
-                     ) -> tuple[np.ndarray, dict[str, Any]]:
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Embeddings of a deterministic sample of training images through the exported graph itself (one image per
     call, as `detflow shift` runs), so the reference is what deployment measures on training data.
 
     The sample: every train image when there are at most ``rows``, else ``rows`` of them drawn with a seeded
-    generator from the list sorted by file name. Returns (float32 (n, D), how it was drawn for the card).
+    generator from the list sorted by file name. Returns (float32 (n, D), each row's patient pseudonym as a unicode
+    array (n,), how it was drawn for the card).
     """
-    from pipeline.infer.batch import collect_sources
+    from pipeline.infer.batch import collect_sources, source_groups
 
-    items = collect_sources(prepared / "coco" / "train.json")
+    train = prepared / "coco" / "train.json"
+    items = collect_sources(train)
+    patients = dict(zip((it[0] for it in items), source_groups(train, items), strict=True))
     items = sorted(items, key=lambda it: it[0])
     if len(items) > rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(items), rows, replace=False))
         items = [items[i] for i in keep]
     stream = detector.predict_stream(items, batch=1, workers=1, embeddings=True,
                                      decode=lambda it: detector.decode(it[2], it[0]).rgb)
-    vectors = [r.embedding for r in stream if r.embedding is not None]
+    vectors, groups = [], []
+    for r in stream:
+        if r.embedding is not None:
+            vectors.append(r.embedding)
+            groups.append(patients[r.source[0]] or f"image:{r.source[0]}")  # no patient: the image is its own
     if not vectors:
         raise DataError(f"no training image of {prepared} could be read for the embedding reference sample")
     emb = np.stack(vectors).astype(np.float32)
-    return emb, {"split": "train", "rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "seed": seed,
-                 "sample": f"all train images if at most {rows}, else {rows} drawn with numpy default_rng({seed}) "
-                           "from the list sorted by file name; one image per model call"}
+    return emb, np.array(groups, dtype=str), {
+        "split": "train", "rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "seed": seed,
+        "patients": len(set(groups)),
+        "sample": f"all train images if at most {rows}, else {rows} drawn with numpy default_rng({seed}) "
+                  "from the list sorted by file name; one image per model call"}
 
 
 def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgsz: int, onnx_path: Path,
@@ -280,27 +292,35 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["parity"] = {k: parity[k] for k in ("matched_fraction", "max_abs_box_diff_px", "max_abs_score_diff",
                                                  "map50_95_torch", "map50_95_onnx", "delta", "passed")}
         card["version"] = card["sha256"][:12]
-        card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE)
-        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE) as (
-                model_staged, card_staged, reference_staged):
+        card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE,
+                                             work / REFERENCE_GROUPS_FILE)
+        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE,
+                            out_dir / REFERENCE_GROUPS_FILE) as (
+                model_staged, card_staged, reference_staged, groups_staged):
             shutil.copyfile(onnx_path, model_staged)  # a new file: the umask's permissions (0644), not the work's
             card_staged.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
             shutil.copyfile(work / REFERENCE_FILE, reference_staged)
+            shutil.copyfile(work / REFERENCE_GROUPS_FILE, groups_staged)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_dir / "model.onnx", card, parity)
 
 
-def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_path: Path) -> dict[str, Any]:
-    """The card's ``embedding`` entry; writes the reference sample to ``reference_path`` (scratch, then published
-    with the model). Every family exports the embedding output, so its absence is an export bug."""
+def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_path: Path,
+                     groups_path: Path) -> dict[str, Any]:
+    """The card's ``embedding`` entry; writes the reference sample to ``reference_path`` and its rows' patients to
+    ``groups_path`` (scratch, then published with the model). Every family exports the embedding output, so its
+    absence is an export bug."""
     from pipeline.families.base import embedding_card
 
     if not detector.has_embeddings:
         raise DetflowError(f"the {detector.family} export has no embedding output; shift detection needs it")
-    ref, how = reference_sample(detector, prepared)
-    with open(reference_path, "wb") as f:  # a file object: np.save would append .npy to a path
-        np.save(f, ref, allow_pickle=False)
-    entry = embedding_card(onnx_path, {"file": REFERENCE_FILE, "sha256": sha256_file(reference_path), **how})
+    ref, groups, how = reference_sample(detector, prepared)
+    for path, array in ((reference_path, ref), (groups_path, groups)):
+        with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
+            np.save(f, array, allow_pickle=False)
+    entry = embedding_card(onnx_path, {"file": REFERENCE_FILE, "sha256": sha256_file(reference_path), **how,
+                                       "groups": {"file": REFERENCE_GROUPS_FILE, "sha256": sha256_file(groups_path),
+                                                  "unit": "patient pseudonym (prepare), one per reference row"}})
     assert entry is not None
     return entry

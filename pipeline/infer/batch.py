@@ -4,7 +4,9 @@ model's training embeddings (:func:`run_shift`, and a ``shift.json`` beside batc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,43 @@ def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
                 yield p.relative_to(source).as_posix(), None, p
 
 
+def source_groups(source: Path | None, items: list[Source]) -> list[str | None]:
+    """Each input's patient, for the shift test's patient-level permutation (None: the image is its own unit).
+
+    A COCO split gives its images' ``patient`` / ``patient_id`` (prepare writes pseudonyms there); a DICOM file its
+    PatientID, hashed at once (it never leaves the process; shift.json reports only counts); any other image
+    has no patient. A header that cannot be read leaves the image on its own (decoding reports the file)."""
+    coco: dict[str, str] = {}
+    if source is not None and source.is_file() and source.suffix == ".json":
+        images = json.loads(_read_text(source, "COCO dataset")).get("images") or []
+        coco = {img["file_name"]: str(pid) for img in images
+                if (pid := img.get("patient") or img.get("patient_id")) not in (None, "")}
+    groups: list[str | None] = []
+    for name, _, path in items:
+        if name in coco:
+            groups.append(coco[name])
+        elif path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES
+                                                        and looks_like_dicom(path)):
+            patient = _dicom_patient(path)
+            groups.append("dicom:" + hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else None)
+        else:
+            groups.append(None)
+    return groups
+
+
+def _dicom_patient(path: Path) -> str | None:
+    """The PatientID of a DICOM file's header, None when absent or unreadable."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        return str(ds.get("PatientID", "") or "") or None
+    except Exception:  # noqa: BLE001 - the pixels' decoder reports an unreadable file; here it is just ungrouped
+        return None
+
+
 def collect_sources(source: Path) -> list[Source]:
     """Every input of ``source``, listed up front so that a bad source fails before a model loads or work starts."""
     return [(name, image_id if image_id is not None else index + 1, path)
@@ -124,6 +163,9 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
     results: list[dict] = []
     embed = shift and detector.has_embeddings
     vectors: list[np.ndarray] = []
+    vector_groups: list[str | None] = []
+    group_of = dict(zip((it[0] for it in items), source_groups(source if isinstance(source, Path) else None, items),
+                        strict=True)) if embed else {}
     with tqdm(total=len(items), desc="inference", unit="img", disable=not progress) as bar:
         stream = detector.predict_stream(items, batch=batch, workers=workers, embeddings=embed,
                                          decode=lambda item: detector.decode(item[2], item[0], max_pixels).rgb)
@@ -141,6 +183,7 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
             summary.n_detections += len(d)
             if r.embedding is not None:
                 vectors.append(r.embedding)
+                vector_groups.append(group_of.get(name))
             for (x1, y1, x2, y2), s, c in zip(d.boxes, d.scores, d.labels, strict=True):
                 results.append({"image_id": image_id, "file_name": name, "category_id": int(c) + 1,
                                 "category": detector.classes[int(c)],
@@ -155,7 +198,7 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
         try:
             if not embed:
                 detector.require_embeddings()
-            result, doc, _, _ = shift_test(detector, vectors, source=source_name,
+            result, doc, _, _ = shift_test(detector, vectors, source=source_name, groups=vector_groups,
                                            n_skipped=len(summary.errors))
             atomic_write_json(out_dir / SHIFT_FILE, doc)
             summary.shift = doc
@@ -169,21 +212,28 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
 
 def shift_test(detector: OnnxDetector, vectors: list[np.ndarray] | np.ndarray, *, source: str | None = None,
                alpha: float = DEFAULT_ALPHA, n_permutations: int = DEFAULT_PERMUTATIONS, n_skipped: int = 0,
-               max_target: int = MAX_TARGET) -> tuple[ShiftResult, dict[str, Any], np.ndarray, np.ndarray]:
+               max_target: int = MAX_TARGET, groups: list[str | None] | None = None,
+               ) -> tuple[ShiftResult, dict[str, Any], np.ndarray, np.ndarray]:
     """MMD test of ``vectors`` (embeddings of the images under test) against the model's reference sample.
 
-    Returns (result, the ``shift.json`` document, reference, target used). More than ``max_target`` vectors are
-    subsampled with a seeded generator (the document says how many were used of how many). Raises
-    :class:`~pipeline.shift.ShiftError` (too few, bad values) or :class:`EmbeddingsUnavailable`.
+    ``groups``: each vector's patient (None: unknown, the image is its own unit); with the reference's patients
+    (written by export) the test permutes patients (see :mod:`pipeline.shift`). Returns (result, the ``shift.json``
+    document, reference, target used). More than ``max_target`` vectors are subsampled with a seeded generator (the
+    document says how many were used of how many). Raises :class:`~pipeline.shift.ShiftError` (too few, bad
+    values) or :class:`EmbeddingsUnavailable`.
     """
     reference = detector.embedding_reference()
+    ref_groups = detector.embedding_reference_groups(len(reference))
     n = len(vectors)
     if n < MIN_SAMPLES:
         raise ShiftError(f"{n} image(s) read; the shift test needs at least {MIN_SAMPLES} (64 recommended)")
     target = np.asarray(np.stack(list(vectors)) if isinstance(vectors, list) else vectors, dtype=np.float64)
+    tgt_groups = list(groups) if groups is not None else [None] * n
     if n > max_target:
-        target = target[np.sort(np.random.default_rng(0).choice(n, max_target, replace=False))]
-    result = mmd_test(reference, target, alpha=alpha, n_permutations=n_permutations)
+        keep = np.sort(np.random.default_rng(0).choice(n, max_target, replace=False))
+        target, tgt_groups = target[keep], [tgt_groups[i] for i in keep]
+    result = mmd_test(reference, target, alpha=alpha, n_permutations=n_permutations, reference_groups=ref_groups,
+                      target_groups=tgt_groups)
     ref_entry = (detector.card.get("embedding") or {}).get("reference") or {}
     doc = {**result.to_dict(), "source": source, "model": str(detector.model_path),
            "model_sha256": detector.card.get("sha256"), "model_version": detector.card.get("version"),
@@ -195,14 +245,18 @@ def shift_test(detector: OnnxDetector, vectors: list[np.ndarray] | np.ndarray, *
 
 def run_shift(detector: OnnxDetector, items: list[Source], out_dir: Path, *, source: str, alpha: float = DEFAULT_ALPHA,
               n_permutations: int = DEFAULT_PERMUTATIONS, workers: int = 1, progress: bool = True,
-              max_pixels: int | None = None) -> ShiftRun:
+              max_pixels: int | None = None, source_path: Path | None = None) -> ShiftRun:
     """`detflow shift`: embed every input (one image per model call, as the reference was made), test against the
-    reference and write ``shift.json``. Unreadable files are skipped and listed; an unusable input set (none
-    readable, fewer than the test needs) or a model without embeddings raises one clear error."""
+    reference and write ``shift.json``. ``source_path``: the SOURCE the items came from (a COCO split names each
+    image's patient; DICOM files carry their own), for the patient-level test. Unreadable files are skipped and
+    listed; an unusable input set (none readable, fewer than the test needs) or a model without embeddings raises
+    one clear error."""
     detector.require_embeddings()
     detector.embedding_reference()  # a missing or damaged reference fails before the images are read
     vectors: list[np.ndarray] = []
+    vector_groups: list[str | None] = []
     errors: list[dict] = []
+    group_of = dict(zip((it[0] for it in items), source_groups(source_path, items), strict=True))
     with tqdm(total=len(items), desc="embeddings", unit="img", disable=not progress) as bar:
         stream = detector.predict_stream(items, batch=1, workers=workers, embeddings=True,
                                          decode=lambda item: detector.decode(item[2], item[0], max_pixels).rgb)
@@ -213,6 +267,7 @@ def run_shift(detector: OnnxDetector, items: list[Source], out_dir: Path, *, sou
                                "detail": getattr(r.error, "detail", None) or str(r.error)})
             elif r.embedding is not None:
                 vectors.append(r.embedding)
+                vector_groups.append(group_of.get(r.source[0]))
     if not vectors:
         first = f" (first: {errors[0]['file']}: {errors[0]['kind']}: {errors[0]['detail']})" if errors else ""
         raise DetflowError(f"none of the {len(items)} input(s) in {source} could be read{first}")
@@ -220,7 +275,8 @@ def run_shift(detector: OnnxDetector, items: list[Source], out_dir: Path, *, sou
         raise ShiftError(f"{source}: {len(vectors)} readable image(s) of {len(items)}; the shift test needs at "
                          f"least {MIN_SAMPLES} (64 recommended)")
     result, doc, reference, target = shift_test(detector, vectors, source=source, alpha=alpha,
-                                                n_permutations=n_permutations, n_skipped=len(errors))
+                                                n_permutations=n_permutations, n_skipped=len(errors),
+                                                groups=vector_groups)
     atomic_write_json(out_dir / SHIFT_FILE, doc)
     return ShiftRun(result, doc, len(vectors), errors, reference, target)
 

@@ -329,28 +329,48 @@ class OnnxDetector:
         if reason:
             raise EmbeddingsUnavailable(reason)
 
+    def _reference_file(self, entry: Any, what: str) -> np.ndarray:
+        """An array export wrote next to the model (``entry``: the card's ``{file, sha256}``), checked against the
+        card; :class:`EmbeddingsUnavailable` with the reason otherwise."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise EmbeddingsUnavailable(f"model card {self.card_path} names no {what}; re-export the model with "
+                                        "`detflow export`")
+        path = self.model_path.parent / entry["file"]
+        if not path.is_file():
+            raise EmbeddingsUnavailable(f"{what} {path} not found (export writes it next to the model)")
+        if sha256_file(path) != entry.get("sha256"):
+            raise EmbeddingsUnavailable(f"checksum mismatch for {path}: it is not the {what} the card describes; "
+                                        "re-export the model")
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise EmbeddingsUnavailable(f"cannot read {what} {path}: {e}") from None
+
+    def _reference_entry(self) -> dict[str, Any]:
+        emb = self.card.get("embedding")
+        entry = emb.get("reference") if isinstance(emb, dict) else None
+        return entry if isinstance(entry, dict) else {}
+
     def embedding_reference(self) -> np.ndarray:
         """The training-split embeddings written by export next to the model (float64 (n, D)), checked against the
         sha256 in the card. Raises :class:`EmbeddingsUnavailable` with the reason otherwise."""
         self.require_embeddings()
-        emb = self.card.get("embedding")
-        entry = emb.get("reference") if isinstance(emb, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise EmbeddingsUnavailable(f"model card {self.card_path} names no embedding reference sample; "
-                                        "re-export the model with `detflow export`")
-        path = self.model_path.parent / entry["file"]
-        if not path.is_file():
-            raise EmbeddingsUnavailable(f"embedding reference {path} not found (export writes it next to the model)")
-        if sha256_file(path) != entry.get("sha256"):
-            raise EmbeddingsUnavailable(f"checksum mismatch for {path}: it is not the reference sample the card "
-                                        "describes; re-export the model")
-        try:
-            ref = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise EmbeddingsUnavailable(f"cannot read embedding reference {path}: {e}") from None
+        ref = self._reference_file(self._reference_entry() or None, "embedding reference sample")
         if ref.ndim != 2 or not np.isfinite(ref).all():
-            raise EmbeddingsUnavailable(f"embedding reference {path} is not a finite 2-D array (shape {ref.shape})")
+            raise EmbeddingsUnavailable(f"the embedding reference is not a finite 2-D array (shape {ref.shape})")
         return ref.astype(np.float64)
+
+    def embedding_reference_groups(self, n_rows: int) -> np.ndarray | None:
+        """The patient of each reference row (``embedding_reference_groups.npy``), or None for a model exported
+        before export recorded them (its reference is then tested image by image)."""
+        entry = self._reference_entry().get("groups")
+        if entry is None:
+            return None
+        groups = self._reference_file(entry, "reference patient ids")
+        if groups.shape != (n_rows,):
+            raise EmbeddingsUnavailable(f"the reference patient ids have shape {groups.shape}, the reference has "
+                                        f"{n_rows} rows; re-export the model")
+        return groups
 
     def predict_stream(self, sources: Iterable[S], batch: int = 1, workers: int = 1,
                        decode: Callable[[S], np.ndarray] | None = None,

@@ -94,7 +94,8 @@ class ServiceState:
         try:
             reference = detector.embedding_reference()
             monitor = ShiftMonitor(reference, window=s.shift_window, every=s.shift_every, alpha=s.shift_alpha,
-                                   n_permutations=s.shift_permutations)
+                                   n_permutations=s.shift_permutations,
+                                   reference_groups=detector.embedding_reference_groups(len(reference)))
         except DetflowError as e:
             log.warning("shift detection unavailable: %s", e)
             return None, str(e)
