@@ -67,7 +67,8 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     "export": ("models/train", "data/prepared", "reports/gate.json", "reports/metrics.json",
                "reports/train/summary.json"),
     # the shift section of batch inference compares with the training embeddings export writes beside the model
-    "infer": ("models/model.onnx", "models/model_card.json", "models/embedding_reference.npy", "data/prepared"),
+    "infer": ("models/model.onnx", "models/model_card.json", "models/embedding_reference.npy",
+              "models/embedding_reference_groups.npy", "data/prepared"),
     # `detflow evaluate --external`: the exported model, and the internal scores it is compared with. The sets
     # themselves are the `external` param (see NOT_DEPS).
     "external": ("models/model.onnx", "models/model_card.json", "reports/metrics.json"),
