@@ -81,3 +81,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> d
     return {"root": root, "prepared": root / "prepared", "reports": root / "reports", "best": result.best,
             "onnx": root / "models" / "model.onnx", "card": root / "models" / "model_card.json",
             "phantom": small_phantom}
+
+
+def write_tiny_yolo_onnx(path: Path) -> None:
+    """A real YOLO-shaped ONNX graph (1x1 conv to 4 box + 1 class channels, zero weights): no detections, but it
+    loads and runs like an export, so infer cases fail on their input and not on the model."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w", "b"], ["feat"]),
+         helper.make_node("Reshape", ["feat", "shape"], ["output0"])],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 5, "A"])],
+        [numpy_helper.from_array(np.zeros((5, 3, 1, 1), np.float32), "w"),
+         numpy_helper.from_array(np.zeros(5, np.float32), "b"),
+         numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))

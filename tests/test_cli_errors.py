@@ -18,31 +18,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_tiny_yolo_onnx
 
 BIN = Path(sys.executable).with_name("detflow")
 CLI = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "pipeline.cli"]
-
-
-def _tiny_onnx(path: Path) -> None:
-    """A real YOLO-shaped ONNX graph (1x1 conv to 4 box + 1 class channels, zero weights): no detections, but it
-    loads and runs like an export, so infer cases fail on their input and not on the model."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["images", "w", "b"], ["feat"]),
-         helper.make_node("Reshape", ["feat", "shape"], ["output0"])],
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 5, "A"])],
-        [numpy_helper.from_array(np.zeros((5, 3, 1, 1), np.float32), "w"),
-         numpy_helper.from_array(np.zeros(5, np.float32), "b"),
-         numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
 
 
 def _card(model: Path, **extra: object) -> dict:
@@ -83,7 +62,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "registry").mkdir()
     tiny = root / "tiny" / "model.onnx"
     tiny.parent.mkdir()
-    _tiny_onnx(tiny)
+    write_tiny_yolo_onnx(tiny)
     (tiny.parent / "model_card.json").write_text(json.dumps(_card(tiny)))
     for name, card in {"nocard": None, "badcard": "{not json", "listcard": "[1, 2]",
                        "badconf": json.dumps(_card(tiny, postprocess={"conf": 5})),

@@ -80,24 +80,12 @@ CASES: dict[str, tuple[str, Callable[[], bytes], int | None, str | None]] = {
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A real OnnxDetector on a tiny graph whose card asks for a params DICOM window."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import write_tiny_yolo_onnx
 
     from pipeline.infer import OnnxDetector
 
     root = tmp_path_factory.mktemp("model")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["images", "w", "b"], ["feat"]),
-         helper.make_node("Reshape", ["feat", "shape"], ["output0"])],
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 5, "A"])],
-        [numpy_helper.from_array(np.zeros((5, 3, 1, 1), np.float32), "w"),
-         numpy_helper.from_array(np.zeros(5, np.float32), "b"),
-         numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(root / "model.onnx"))
+    write_tiny_yolo_onnx(root / "model.onnx")
     card = {"family": "yolo", "classes": ["nodule"],
             "sha256": hashlib.sha256((root / "model.onnx").read_bytes()).hexdigest(),
             "input": {"imgsz": 32, "stride": 0, "dicom_window": {"mode": "params", "window": list(WINDOW)}}}

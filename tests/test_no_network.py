@@ -102,6 +102,18 @@ def test_sitecustomize_blocks_and_records(tmp_path: Path) -> None:
     assert [a["call"] for a in _attempts(net_log)] == ["socket.getaddrinfo"]
 
 
+def _tiny_pipeline(env: dict[str, str], work: Path, epochs: int, quiet: bool) -> subprocess.CompletedProcess[str]:
+    """phantom -> prepare -> a tiny from-scratch train in ``work``; returns the train process."""
+    params, cli = str(REPO / "params.yaml"), ["-m", "pipeline.cli"]
+    _run([*cli, "phantom", "--params", params, "--set", "phantom.patients=4", "--set", "phantom.slices=3",
+          "--set", "phantom.size=128", "--quiet"], env, work)
+    _run([*cli, "prepare", "--params", params, "--quiet"], env, work)
+    tiny = [f"train.epochs={epochs}", "train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
+            "train.augment.mosaic=false", "train.pretrained=none", "train.device=cpu"]
+    return _run([*cli, "train", "--params", params, *[a for s in tiny for a in ("--set", s)],
+                 *(["--quiet"] if quiet else [])], env, work)
+
+
 def test_imports_and_stages_stay_offline_and_out_of_home(tmp_path: Path) -> None:
     env, home, work, net_log = _sandbox(tmp_path)
     params = str(REPO / "params.yaml")
@@ -109,12 +121,7 @@ def test_imports_and_stages_stay_offline_and_out_of_home(tmp_path: Path) -> None
     n_modules = int(_run(["-c", IMPORT_ALL], env, work).stdout.split()[-1])
     assert n_modules >= 20
     cli = ["-m", "pipeline.cli"]
-    _run([*cli, "phantom", "--params", params, "--set", "phantom.patients=4", "--set", "phantom.slices=3",
-          "--set", "phantom.size=128", "--quiet"], env, work)
-    _run([*cli, "prepare", "--params", params, "--quiet"], env, work)
-    tiny = ["train.epochs=1", "train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
-            "train.augment.mosaic=false", "train.pretrained=none", "train.device=cpu"]
-    train = _run([*cli, "train", "--params", params, *[a for s in tiny for a in ("--set", s)], "--quiet"], env, work)
+    train = _tiny_pipeline(env, work, epochs=1, quiet=True)
     _run([*cli, "evaluate", "--params", params, "--set", "evaluate.bootstrap=0", "--set", "gate.min_map50=0",
           "--set", "gate.min_cpm=0", "--set", "gate.min_sensitivity_at_1fp=0", "--quiet"], env, work)
     seconds = time.perf_counter() - start
@@ -137,14 +144,7 @@ def test_train_progress_is_one_bar(tmp_path: Path) -> None:
     none of Ultralytics' argument dump, layer table or per-batch bars (`--quiet` is checked above)."""
     env, _, work, _ = _sandbox(tmp_path)
     env.pop("DETFLOW_NO_PROGRESS")
-    params = str(REPO / "params.yaml")
-    cli = ["-m", "pipeline.cli"]
-    _run([*cli, "phantom", "--params", params, "--set", "phantom.patients=4", "--set", "phantom.slices=3",
-          "--set", "phantom.size=128", "--quiet"], env, work)
-    _run([*cli, "prepare", "--params", params, "--quiet"], env, work)
-    tiny = ["train.epochs=2", "train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
-            "train.augment.mosaic=false", "train.pretrained=none", "train.device=cpu"]
-    proc = _run([*cli, "train", "--params", params, *[a for s in tiny for a in ("--set", s)]], env, work)
+    proc = _tiny_pipeline(env, work, epochs=2, quiet=False)
     out = proc.stdout.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("train: yolo/yolov5n 2 epochs"), proc.stdout
     assert proc.stderr.count("\n") == 1, proc.stderr  # tqdm redraws one line with \r, then ends it
