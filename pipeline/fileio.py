@@ -111,7 +111,7 @@ def _roll_forward(journal: Path) -> None:
     _fsync(base)
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|staging|old)\.(?P<pid>\d+)\.[0-9a-f]{8}$")
+_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{'|'.join(_TAGS)})\.(?P<pid>\d+)\.[0-9a-f]{{8}}$")
 # Names written by earlier detflow versions (tempfile): `.<name>.staging.XXXX`, `.<name>.old.XXXX`, `.<name>.XXXX.tmp`
 _LEGACY = re.compile(r"^\.(?P<name>.+)\.(?:(?:staging|old)\.[A-Za-z0-9_]{8}|[A-Za-z0-9_]{8}\.tmp)$")
 

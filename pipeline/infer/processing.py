@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.data.imaging import pixel_spacing_of
+
 PAD_VALUE = 114
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
 """Bounds of the letterbox size factor (x imgsz) that site adaptation may ask for: below, objects vanish; above,
@@ -156,9 +158,10 @@ def target_size(im: np.ndarray, size: int, scaling: InputScaling | None, fixed: 
     ``fixed`` (a square graph input of ``size``, Faster R-CNN): the image is letterboxed smaller and padded back to
     ``size``, so factors above 1 are capped at 1 (magnifying would need tiling, which detflow does not do).
     """
-    if scaling is None or scaling.identity and getattr(im, "pixel_spacing", None) is None:
+    spacing = pixel_spacing_of(im)
+    if scaling is None or scaling.identity and spacing is None:
         return size
-    f = scaling.factor(im.shape[0], im.shape[1], getattr(im, "pixel_spacing", None))
+    f = scaling.factor(im.shape[0], im.shape[1], spacing)
     out = max(int(round(size * f)), stride or 8)
     return min(out, size) if fixed else out
 
