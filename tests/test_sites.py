@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from pipeline.data.prepare import PreparedImage, _manifest, _write_dataset
-from pipeline.data.sites import MIN_SIDE_PX, Magnification, Stain, clip_boxes, write_shifted_copy
+from pipeline.data.sites import MIN_SIDE_PX, MIN_VISIBLE, Magnification, Stain, clip_boxes, write_shifted_copy
 from pipeline.errors import ConfigError, DataError
 from pipeline.fileio import sha256_tree
 
@@ -115,7 +115,8 @@ def test_magnification_moves_objects_and_boxes_together(prepared: Path, tmp_path
     summary = write_shifted_copy(prepared, out, Magnification(factor), seed=0)
     _check_consistent(out)
     assert summary.n_images == 4 and summary.boxes_in == 6
-    assert summary.boxes_in == summary.boxes_out + summary.dropped_outside + summary.dropped_small
+    assert summary.boxes_in == (summary.boxes_out + summary.dropped_outside + summary.dropped_small
+                                + summary.dropped_truncated)
     # the lone WBC of image b: 40x40 px at the centre -> 40 * factor, still centred; pixels agree with the label
     boxes, _ = _labels(out, "train", "b")
     expect = np.array([(60 - 80) * factor + 80, (40 - 60) * factor + 60, (100 - 80) * factor + 80,
@@ -140,10 +141,28 @@ def test_magnification_moves_objects_and_boxes_together(prepared: Path, tmp_path
 
 
 def test_clip_boxes_counts() -> None:
-    boxes = np.array([[-10, -10, -1, -1], [-5, 10, 1.5, 30], [-5, 10, 20, 30], [10, 10, 20, 20.0]])
-    kept, keep, clipped, outside, small = clip_boxes(boxes, 100, 100)
-    assert list(keep) == [False, False, True, True] and (clipped, outside, small) == (1, 1, 1)
-    assert kept[0].tolist() == [0, 10, 20, 30] and MIN_SIDE_PX == 2.0
+    # outside; a 1.5 px sliver; 80 % inside (kept, clipped); inside; 25 % inside (truncated); exactly half inside
+    boxes = np.array([[-10, -10, -1, -1], [-5, 10, 1.5, 30], [-5, 10, 20, 30], [10, 10, 20, 20.0],
+                      [-15, 40, 5, 60], [90, 40, 110, 60]])
+    kept, keep, counts = clip_boxes(boxes, 100, 100)
+    assert list(keep) == [False, False, True, True, False, True]
+    assert counts == {"boxes_clipped": 2, "dropped_outside": 1, "dropped_small": 1, "dropped_truncated": 1}
+    assert kept[0].tolist() == [0, 10, 20, 30] and kept[2].tolist() == [90, 40, 100, 60]
+    assert MIN_SIDE_PX == 2.0 and MIN_VISIBLE == 0.5
+    _, keep_all, counts_all = clip_boxes(boxes, 100, 100, min_visible=0.0)
+    assert list(keep_all) == [False, False, True, True, True, True] and counts_all["dropped_truncated"] == 0
+
+
+def test_truncated_boxes_are_dropped_and_counted(prepared: Path, tmp_path: Path) -> None:
+    # x2.5 keeps the central 64x48 px: image a's right RBC (100..135 -> 130..217 of 160) keeps 30/87 of its width
+    strict = write_shifted_copy(prepared, tmp_path / "strict", Magnification(2.5), seed=0)
+    loose = write_shifted_copy(prepared, tmp_path / "loose", Magnification(2.5), seed=0, min_visible=0.0)
+    assert strict.dropped_truncated >= 1 and loose.dropped_truncated == 0
+    assert loose.boxes_out == strict.boxes_out + strict.dropped_truncated
+    info = json.loads((tmp_path / "strict" / "prepare_info.json").read_text())["shift"]
+    assert info["min_visible"] == MIN_VISIBLE and info["dropped_truncated"] == strict.dropped_truncated
+    with pytest.raises(ConfigError, match="min_visible"):
+        write_shifted_copy(prepared, tmp_path / "bad", Magnification(2.5), min_visible=1.5)
 
 
 def test_stain_is_deterministic_and_keeps_boxes(prepared: Path, tmp_path: Path) -> None:
@@ -195,3 +214,22 @@ def test_magnified_copy_states_its_new_pixel_spacing(prepared: Path, tmp_path: P
     stained = json.loads((tmp_path / "stain" / "prepare_info.json").read_text())["pixel_spacing"]
     assert zoomed == {"unit": "mm", "source": "PixelSpacing", "median": 0.5, "min": 0.5, "max": 0.5}
     assert stained == info["pixel_spacing"]
+
+
+def test_shifted_copy_carries_each_images_pixel_spacing(tmp_path: Path) -> None:
+    """A DICOM-derived image keeps its spacing (in its COCO entry); magnified x2 each pixel covers half as much."""
+    data, arr, cls = _image(LAYOUTS["b"])
+    root = tmp_path / "src"
+    root.mkdir()
+    images = [PreparedImage("b", "test", "p-b", data, ".jpg", W, H, arr, cls, pixel_spacing=0.7),
+              PreparedImage("d", "test", "p-d", _image(LAYOUTS["d"])[0], ".png", W, H, *_image(LAYOUTS["d"])[1:])]
+    manifest = _manifest(images)
+    _write_dataset(root, images, CLASSES, {"source": "synthetic", "classes": CLASSES,
+                                           "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()},
+                   manifest)
+    for transform, expected in ((Magnification(2.0), 0.35), (Stain(), 0.7)):
+        out = tmp_path / type(transform).__name__
+        write_shifted_copy(root, out, transform, seed=0)
+        entries = {i["file_name"]: i for i in json.loads((out / "coco" / "test.json").read_text())["images"]}
+        assert entries["images/test/b.png"]["pixel_spacing"] == pytest.approx(expected)
+        assert "pixel_spacing" not in entries["images/test/d.png"]
