@@ -10,10 +10,11 @@ the adaptation is the size at which images are letterboxed (:class:`pipeline.inf
 - **object-scale calibration** otherwise (method ``object_scale``): the model runs on the target images at input
   scales ``s`` on a geometric grid (0.5 to 2, 2^(1/6) apart, then 2^(1/24) around the best); at each, the sizes
   of its confident detections (``sqrt(w*h)`` in model-input pixels) are compared per class with the training
-  objects' sizes recorded in the card (mean absolute difference of log-size quantiles, a 1-D Wasserstein distance,
-  weighted by the training share of each class). The scale with the smallest distance wins, with two guards:
-  a scale where the model finds fewer than half the objects of its most productive scale is not eligible (sizes
-  of a few detections match by selection, not by scale), and 1.0 is kept unless another scale is closer by more
+  objects' sizes recorded in the card (objects cut by the image edge left out on both sides, since a box
+  clipped by the frame does not show its object's size; mean absolute difference of log-size quantiles, a 1-D
+  Wasserstein distance, weighted by the training share of each class). The scale with the smallest distance wins, with
+  two guards: a scale where the model finds fewer than half the objects of its most productive scale is not eligible
+  (sizes of a few detections match by selection, not by scale), and 1.0 is kept unless another scale is closer by more
   than :data:`KEEP_ONE_MARGIN` (about 5 % in size), so unshifted data stays as it was.
 
 ``s`` multiplies the letterbox target: for YOLO (dynamic H/W) the input becomes ``imgsz x s``; for fixed-shape
@@ -53,6 +54,15 @@ KEEP_ONE_MARGIN = 0.05
 """1.0 is kept unless another scale's log-size distance is smaller by more than this (about 5 % in size)."""
 MIN_YIELD = 0.5
 """A scale is eligible only with at least this fraction of the detections of the most productive scale."""
+EDGE_PX = 1.0
+"""A box within this many pixels of the image edge is cut by the frame: its size is not its object's, so it is left
+out of the size distributions (training boxes and detections alike)."""
+
+
+def off_edge(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Mask of the xyxy boxes that do not touch the image edge (see :data:`EDGE_PX`)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (b[:, 0] > EDGE_PX) & (b[:, 1] > EDGE_PX) & (b[:, 2] < width - EDGE_PX) & (b[:, 3] < height - EDGE_PX)
 
 
 class AdaptError(DetflowError):
@@ -76,21 +86,25 @@ def distribution(sizes: dict[str, list[float] | np.ndarray]) -> dict[str, dict[s
 
 def training_object_sizes(prepared: Path, classes: list[str], imgsz: int) -> dict[str, Any]:
     """The card's record of the training objects' sizes: per class, quantiles of ``sqrt(w*h)`` in model-input pixels
-    after the letterbox (box side x ``imgsz / long side``), from the prepared train split's COCO file."""
+    after the letterbox (box side x ``imgsz / long side``), from the prepared train split's COCO file; boxes touching
+    the image edge are left out (:func:`off_edge`)."""
     path = prepared / "coco" / "train.json"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DetflowError(f"cannot read the training boxes {path}: {e}") from None
     ratio = {im["id"]: imgsz / max(im["width"], im["height"]) for im in doc.get("images", [])}
+    frame = {im["id"]: (float(im["width"]), float(im["height"])) for im in doc.get("images", [])}
     long_sides = [max(im["width"], im["height"]) for im in doc.get("images", [])]
     sizes: dict[str, list[float]] = {c: [] for c in classes}
     for ann in doc.get("annotations", []):
         k = int(ann["category_id"]) - 1
-        w, h = float(ann["bbox"][2]), float(ann["bbox"][3])
-        if 0 <= k < len(classes) and w > 0 and h > 0 and ann["image_id"] in ratio:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        if 0 <= k < len(classes) and w > 0 and h > 0 and ann["image_id"] in ratio \
+                and off_edge(np.array([[x, y, x + w, y + h]]), *frame[ann["image_id"]])[0]:
             sizes[classes[k]].append(math.sqrt(w * h) * ratio[ann["image_id"]])
-    return {"measure": "sqrt(w*h) of each box in model-input pixels after the letterbox to imgsz", "split": "train",
+    return {"measure": "sqrt(w*h) of each box in model-input pixels after the letterbox to imgsz; boxes touching the "
+                       "image edge left out", "split": "train",
             "imgsz": imgsz, "quantiles": list(QUANTILES),
             "image_long_side_px": float(np.median(long_sides)) if long_sides else None,
             "per_class": distribution(sizes)}
@@ -204,7 +218,8 @@ def load_targets(source: Path, decode: Callable[[bytes], np.ndarray], max_images
 
 def predicted_sizes(detector: Any, images: list[np.ndarray], conf: float, batch: int = 8) -> dict[str, np.ndarray]:
     """Class -> ``sqrt(w*h)`` in model-input pixels of the detections above ``conf``, at the detector's current
-    scaling (the same :func:`~pipeline.infer.processing.target_size` the engine letterboxes with)."""
+    scaling (the same :func:`~pipeline.infer.processing.target_size` the engine letterboxes with); detections
+    touching the image edge are left out (:func:`off_edge`)."""
     from pipeline.infer.processing import target_size
 
     out: dict[str, list[float]] = {c: [] for c in detector.classes}
@@ -213,8 +228,9 @@ def predicted_sizes(detector: Any, images: list[np.ndarray], conf: float, batch:
         for im, dets in zip(chunk, detector.predict(chunk, conf=conf), strict=True):
             ratio = target_size(im, detector.imgsz, detector.scaling, fixed=not detector.stride,
                                 stride=detector.stride) / max(im.shape[:2])
-            wh = (dets.boxes[:, 2:] - dets.boxes[:, :2]).clip(0)
-            for size, label in zip(np.sqrt(wh[:, 0] * wh[:, 1]) * ratio, dets.labels, strict=True):
+            inner = off_edge(dets.boxes, im.shape[1], im.shape[0])
+            wh = (dets.boxes[inner, 2:] - dets.boxes[inner, :2]).clip(0)
+            for size, label in zip(np.sqrt(wh[:, 0] * wh[:, 1]) * ratio, dets.labels[inner], strict=True):
                 out[detector.classes[int(label)]].append(float(size))
     return {c: np.asarray(v) for c, v in out.items()}
 
