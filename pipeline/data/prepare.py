@@ -48,6 +48,7 @@ class PreparedImage:
     height: int
     boxes: np.ndarray
     classes: np.ndarray
+    pixel_spacing: float | None = None  # DICOM PixelSpacing, mm per pixel (None: not stated); in the COCO entry
 
 
 @dataclass
@@ -272,7 +273,7 @@ def prepare_dataset(
             base = f"{patient_of[rel]}_{Path(redact(rel)).stem}"
         name = _unique_name(redact(base), taken, rel)
         images.append(PreparedImage(name, split_of_rel[rel], patient_of[rel], data, loaded.suffix if loaded.encoded
-                                    else ".png", loaded.width, loaded.height, boxes, cls))
+                                    else ".png", loaded.width, loaded.height, boxes, cls, loaded.pixel_spacing))
 
     totals = _totals(read, problems, images)
     problems = [p.with_text(redact(p.file), redact(p.detail)) for p in problems]
@@ -402,8 +403,11 @@ def _coco(images: list[PreparedImage], classes: list[str], split: str) -> dict:
                  "categories": [{"id": k + 1, "name": c, "supercategory": "lesion"} for k, c in enumerate(classes)]}
     ann_id = 1
     for image_id, img in enumerate((i for i in images if i.split == split), start=1):
-        doc["images"].append({"id": image_id, "file_name": f"images/{split}/{img.name}{img.suffix}",
-                              "width": img.width, "height": img.height, "patient": img.patient})
+        entry = {"id": image_id, "file_name": f"images/{split}/{img.name}{img.suffix}",
+                 "width": img.width, "height": img.height, "patient": img.patient}
+        if img.pixel_spacing is not None:  # the PNG lost the DICOM tag; scoring restores it (pipeline.evaluate)
+            entry["pixel_spacing"] = img.pixel_spacing  # exact: the engine letterboxes from this very value
+        doc["images"].append(entry)
         for (x1, y1, x2, y2), c in zip(img.boxes, img.classes, strict=True):
             w, h = float(x2 - x1), float(y2 - y1)
             doc["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": int(c) + 1,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -16,6 +16,9 @@ from tqdm import tqdm
 from pipeline.config import Params
 from pipeline.errors import DataError, DetflowError
 from pipeline.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from pipeline.infer.processing import InputScaling
 
 
 @dataclass
@@ -47,11 +50,16 @@ def is_prepared(data: Path, split: str) -> bool:
 @dataclass
 class Scorer:
     """A model of either kind behind one call: ``predict(list[rgb]) -> list[Detections]`` at scoring settings
-    (confidence 0.001, the evaluation NMS IoU), so a checkpoint and its ONNX export are measured the same way."""
+    (confidence 0.001, the evaluation NMS IoU), so a checkpoint and its ONNX export are measured the same way.
+
+    ``scaling``: how the model letterboxes an image that carries a pixel spacing
+    (:func:`pipeline.data.imaging.with_spacing`): the card's, for the ONNX engine; None when it ignores the
+    spacing (a checkpoint records no training pixel spacing, so it letterboxes every image to ``imgsz``)."""
 
     predict: Callable[[list[np.ndarray]], list]
     classes: list[str]
     info: dict[str, Any]
+    scaling: InputScaling | None = None
 
 
 def load_scorer(model_path: Path, params: Params) -> Scorer:
@@ -65,7 +73,7 @@ def load_scorer(model_path: Path, params: Params) -> Scorer:
         onnx = OnnxDetector(model_path)
         return Scorer(lambda rgbs: onnx.predict(rgbs, conf=0.001, iou=iou), list(onnx.classes),
                       {"family": onnx.family, "imgsz": onnx.imgsz, "path": str(model_path), "format": "onnx",
-                       "sha256": onnx.card["sha256"]})
+                       "sha256": onnx.card["sha256"]}, scaling=onnx.scaling)
     from pipeline.evaluate.predict import TorchDetector
 
     torch_model = TorchDetector.load(model_path)
@@ -83,9 +91,14 @@ def score_detector(predict: Any, prepared: Path, split: str, classes: list[str],
 
 
 def score_coco(predict: Any, gt: dict, root: Path, params: Params, progress: bool = True, keep_images: int = 0,
-               desc: str = "evaluating") -> tuple[list, list]:
+               desc: str = "evaluating", spacing: bool = False) -> tuple[list, list]:
     """Run ``predict`` over the images of a COCO document (``file_name`` relative to ``root``); ImageDets with
-    0-based labels (category id - 1) and the first ``keep_images`` images."""
+    0-based labels (category id - 1) and the first ``keep_images`` images.
+
+    ``spacing``: hand each image over with the ``pixel_spacing`` its entry records (prepare keeps the DICOM
+    ``PixelSpacing`` there; the PNG lost it), so a spacing-aware model sees it as it does when it decodes the DICOM.
+    """
+    from pipeline.data.imaging import with_spacing
     from pipeline.evaluate.metrics import ImageDets
 
     ev = params.evaluate
@@ -99,6 +112,8 @@ def score_coco(predict: Any, gt: dict, root: Path, params: Params, progress: boo
     for start in range(0, len(entries), ev.batch):
         chunk = entries[start:start + ev.batch]
         rgbs = [_read_rgb(root / e["file_name"]) for e in chunk]
+        if spacing:
+            rgbs = [with_spacing(rgb, e.get("pixel_spacing")) for e, rgb in zip(chunk, rgbs, strict=True)]
         dets = predict(rgbs)
         for e, rgb, d in zip(chunk, rgbs, dets, strict=True):
             a = anns.get(e["id"], [])

@@ -11,8 +11,14 @@ still resamples patients. Its labels are then mapped to the model's classes:
   there), its detections are not scored (nobody labelled those objects, so they are neither right nor wrong), and
   ``classes_left_out`` plus ``note`` say so.
 
+Pixel spacing: prepare writes PNGs, which lose a DICOM's ``PixelSpacing``, so it keeps each image's spacing in its
+COCO entry and scoring hands the image over with it (:func:`pipeline.data.imaging.with_spacing`): the ONNX engine
+then letterboxes it at the training spacing exactly as ``detflow infer`` and the service do on the DICOM file. A
+checkpoint records no training spacing and stays spacing-blind; ``pixel_spacing`` in the metrics says which applied.
+
 The metrics keys are those of ``reports/metrics.json`` (same :func:`pipeline.evaluate.compute_metrics`), with
-``split: external`` and the facts above. :func:`generalisation_table` puts internal and external AP50 side by side.
+``split: external``, ``pixel_spacing`` and the facts above. :func:`generalisation_table` puts internal and external
+AP50 side by side.
 """
 
 from __future__ import annotations
@@ -134,6 +140,41 @@ def _note(left_out: list[str], dropped: dict[str, int]) -> str:
     return "; ".join(parts)
 
 
+def spacing_handling(images: list[dict], scorer: Scorer) -> dict[str, Any]:
+    """What scoring did with pixel spacing, for ``metrics.json``: ``source`` (``dicom`` when an image stated its
+    PixelSpacing, ``pixel_size`` for an adapted card's), ``train`` (the model's training spacing), the set's
+    ``median``/``min``/``max`` (mm), ``applied`` (images were letterboxed at the training spacing, as the deployed
+    engine letterboxes them) and ``preprocessing`` (which rule, in words)."""
+    known = [float(im["pixel_spacing"]) for im in images if im.get("pixel_spacing") is not None]
+    scaling = scorer.scaling
+    train = scaling.train_spacing if scaling is not None else None
+    aware = scaling is not None and train is not None and scaling.train_long_side is not None
+    pixel_size = scaling.pixel_size if scaling is not None else None
+    source = "dicom" if known else "pixel_size" if pixel_size is not None else None
+    applied = aware and source is not None
+    if applied:
+        how = ("the deployed engine's letterbox: imgsz x (spacing x long side) / (training spacing x training long "
+               "side), so objects keep their training size in model pixels")
+        if len(known) < len(images):
+            how += ("; an image without a spacing at " + (f"the adapted card's pixel size {pixel_size}"
+                                                           if pixel_size is not None else "imgsz"))
+    elif scaling is None:
+        how = ("spacing-blind: a checkpoint records no training pixel spacing, so every image is letterboxed to "
+               "imgsz; score the exported model.onnx for what the deployed engine sees")
+    elif source is None:
+        how = "no image states a pixel spacing: letterboxed to imgsz, as the deployed engine does"
+    else:
+        how = ("spacing-blind, as the deployed engine: the model card records no training pixel spacing "
+               "(input.pixel_spacing and training_data.image_long_side_px)")
+    if scaling is not None and scaling.scale != 1.0:
+        how += f"; every image also at the adapted card's input_scale {scaling.scale}"
+    return {"source": source, "train": train,
+            "median": round(float(np.median(known)), 6) if known else None,
+            "min": round(min(known), 6) if known else None, "max": round(max(known), 6) if known else None,
+            "n_images": len(known), "n_without": len(images) - len(known), "applied": applied,
+            "preprocessing": how}
+
+
 def evaluate_external(params: Params, scorer: Scorer, ext: ExternalSetParams, out_dir: Path,
                       raw_dir: Path = Path("data/raw"), phantom_dir: Path = Path("data/raw/phantom"),
                       mirrors: list[Path] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -145,7 +186,8 @@ def evaluate_external(params: Params, scorer: Scorer, ext: ExternalSetParams, ou
         gt, report = read_external(params, ext.source, ext.format, work, out_dir / "data_validation.json", raw_dir,
                                    phantom_dir, mirrors, progress)
         mapping = map_classes(gt, scorer.classes, ext.class_map, ext.name)
-        images, _ = score_coco(scorer.predict, mapping.gt, work, params, progress, desc=f"evaluating {ext.name}")
+        images, _ = score_coco(scorer.predict, mapping.gt, work, params, progress, desc=f"evaluating {ext.name}",
+                               spacing=True)
     scored = {k for k, c in enumerate(scorer.classes) if c not in mapping.left_out}
     for im in images:  # detections of classes nobody labelled here are neither right nor wrong
         keep = np.isin(im.labels, list(scored))
@@ -163,6 +205,7 @@ def evaluate_external(params: Params, scorer: Scorer, ext: ExternalSetParams, ou
                      "boxes_dropped_unmapped": int(sum(mapping.dropped.values())),
                      "images_in": s["images_in"], "images_quarantined": s["images_quarantined"],
                      "boxes_dropped_by_validation": s["boxes_dropped"]},
+        "pixel_spacing": spacing_handling(mapping.gt["images"], scorer),
         "model": scorer.info,
         "seconds": round(time.perf_counter() - start, 2),
     })
