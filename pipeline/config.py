@@ -103,6 +103,9 @@ class AugmentParams(_Section):
     hsv: bool = True
     scale: float = Field(0.5, ge=0.0, lt=1.0)
     mosaic: bool = True
+    stain: float = Field(0.0, ge=0.0, lt=1.0)  # pipeline.augment: H&E(+DAB) optical-density jitter (microscopy)
+    window: float = Field(0.0, ge=0.0, lt=1.0)  # pipeline.augment: intensity window jitter (radiology)
+    gamma: float = Field(0.0, ge=0.0, lt=1.0)  # pipeline.augment: gamma jitter
 
 
 class TrainParams(_Section):

@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from pipeline.augment import draw_stain, hed_adjust
 from pipeline.data.prepare import PreparedImage, _manifest, _write_dataset
 from pipeline.data.split import SPLITS
 from pipeline.errors import ConfigError, DataError
@@ -47,12 +48,6 @@ from pipeline.fileio import atomic_directory
 MIN_SIDE_PX = 2.0
 MIN_VISIBLE = 0.5
 """A shifted box is kept only when at least this fraction of its area lies inside the new field of view."""
-
-# Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density RGB, as in skimage.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
-
 
 @dataclass(frozen=True)
 class Magnification:
@@ -107,10 +102,7 @@ class Stain:
             raise ConfigError(f"stain brightness and gamma must be > 0, got {self.brightness}, {self.gamma}")
 
     def draw(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        scale = rng.uniform(1 - self.strength, 1 + self.strength, size=3)
-        shift = rng.uniform(-self.strength / 5, self.strength / 5, size=3)
-        return scale, shift
+        return draw_stain(self.strength, np.random.default_rng(seed))
 
     def describe(self, seed: int) -> dict[str, Any]:
         scale, shift = self.draw(seed)
@@ -120,13 +112,7 @@ class Stain:
     def apply(self, rgb: np.ndarray, boxes: np.ndarray, params: tuple[np.ndarray, np.ndarray]
               ) -> tuple[np.ndarray, np.ndarray]:
         scale, shift = params
-        od = -np.log(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)  # optical density per channel
-        hed = od.reshape(-1, 3) @ _HED_FROM_RGB
-        hed = hed * scale + shift
-        od2 = np.maximum(hed @ _RGB_FROM_HED, 0.0)
-        lin = np.exp(-od2) * self.brightness
-        out = 255.0 * np.clip(lin, 0.0, 1.0) ** (1.0 / self.gamma)
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape), boxes.astype(np.float64)
+        return hed_adjust(rgb, scale, shift, self.brightness, self.gamma), boxes.astype(np.float64)
 
 
 Transform = Magnification | Stain

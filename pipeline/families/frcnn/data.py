@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.augment import PhotometricJitter
 from pipeline.errors import DataError
 
 if TYPE_CHECKING:
@@ -68,10 +69,27 @@ class CocoDetection(torch.utils.data.Dataset):
         return image.as_subclass(torch.Tensor), target
 
 
+class Photometric:
+    """``(image, target)`` -> the image jittered by :class:`~pipeline.augment.PhotometricJitter` (stain, window,
+    gamma), target unchanged. Each image's generator is seeded from torch's RNG, like torchvision's own random
+    transforms, so the per-epoch and per-worker seeds of the training loop fix it."""
+
+    def __init__(self, jitter: PhotometricJitter) -> None:
+        self.jitter = jitter
+
+    def __call__(self, image: Any, target: Any) -> tuple[Any, Any]:
+        from torchvision import tv_tensors
+
+        rng = np.random.default_rng(int(torch.randint(0, 2**63 - 1, (1,)).item()))
+        rgb = self.jitter(image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy(), rng)
+        return tv_tensors.wrap(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), like=image), target
+
+
 def build_transforms(tp: TrainParams, train: bool) -> Callable[..., Any]:
-    """Train: resize to ``imgsz`` (what the model would do anyway, done first so the rest is cheap), flips,
-    scale/translate jitter, colour jitter; boxes are clamped and degenerate ones dropped. Val: none (the model
-    resizes and maps detections back to original coordinates). ``augment.mosaic`` does not apply to Faster R-CNN.
+    """Train: resize to ``imgsz`` (what the model would do anyway, done first so the rest is cheap), stain / window /
+    gamma jitter (before the affine's grey fill, as for YOLO), flips, scale/translate jitter, colour jitter; boxes
+    are clamped and degenerate ones dropped. Val: none (the model resizes and maps detections back to original
+    coordinates). ``augment.mosaic`` does not apply to Faster R-CNN.
     """
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -80,6 +98,9 @@ def build_transforms(tp: TrainParams, train: bool) -> Callable[..., Any]:
     if train:
         aug = tp.augment
         ops.append(v2.Resize(size=None, max_size=tp.imgsz, antialias=True))
+        jitter = PhotometricJitter.from_params(aug)
+        if jitter.active:
+            ops.append(Photometric(jitter))
         if aug.fliplr > 0:
             ops.append(v2.RandomHorizontalFlip(p=aug.fliplr))
         if aug.flipud > 0:

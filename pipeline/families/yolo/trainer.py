@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from pipeline.augment import PhotometricJitter
 from pipeline.fileio import atomic_write_json
 from pipeline.train.common import cpu_threads, frozen_groups_at, names_in_groups
 from pipeline.train.weights_import import transfer_state_dict
@@ -38,6 +40,38 @@ def _set_cpu_threads(trainer: Any) -> None:
         n = cpu_threads(int(trainer.detflow["params"]["train"].get("cpu_threads", 0)))
         torch.set_num_threads(n)
         log.info("training on CPU with %d torch threads", n)
+
+
+class JitteredImages:
+    """Stands in for a train dataset's ``get_image_and_label``: each source image is jittered
+    (:class:`~pipeline.augment.PhotometricJitter`, ``train.augment.stain/window/gamma``) as it is loaded.
+
+    Why there and not in ``dataset.transforms``: Ultralytics' Mosaic / MixUp fetch their extra images through
+    ``dataset.get_image_and_label``, so every tile gets its own draw, and the jitter runs before letterbox /
+    affine padding, so the grey fill stays the 114 that inference pads with. As an instance attribute it survives
+    ``close_mosaic`` (which rebuilds only ``dataset.transforms``) and is copied into forked DataLoader workers. Each
+    image's generator is seeded from numpy's global RNG, which Ultralytics seeds (``init_seeds``, ``seed_worker``),
+    so deterministic runs stay reproducible. Ultralytics images are BGR; the jitter works in RGB.
+    """
+
+    def __init__(self, dataset: Any, jitter: PhotometricJitter) -> None:
+        self.dataset = dataset
+        self.jitter = jitter
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        label = type(self.dataset).get_image_and_label(self.dataset, index)
+        rng = np.random.default_rng(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+        rgb = self.jitter(label["img"][..., ::-1], rng)
+        label["img"] = np.ascontiguousarray(rgb[..., ::-1])
+        return label
+
+
+def jitter_train_dataset(dataset: Any, augment: dict[str, Any]) -> Any:
+    """Install :class:`JitteredImages` on a train dataset when ``train.augment`` enables a photometric jitter."""
+    jitter = PhotometricJitter.from_params(augment)
+    if jitter.active:
+        dataset.get_image_and_label = JitteredImages(dataset, jitter)
+    return dataset
 
 
 def __getattr__(name: str) -> Any:
@@ -95,6 +129,13 @@ def _build_trainer_class() -> type:
                 log.info("transferred %d/%d tensors from %s", report.tensors_transferred, report.tensors_total,
                          self.detflow["pretrained"]["source"])
             return model
+
+        def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
+            """Ultralytics' dataset; the train one also gets the photometric jitter (val stays as is)."""
+            dataset = super().build_dataset(img_path, mode, batch)
+            if mode == "train":
+                jitter_train_dataset(dataset, self.detflow["params"]["train"].get("augment", {}))
+            return dataset
 
         def build_optimizer(self, model: Any, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
                             decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
