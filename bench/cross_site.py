@@ -6,17 +6,23 @@ Two site pairs, each trained, exported and scored through the `detflow` commands
   Both sites image the *same* new patients (a phantom seed the model never saw), so A' vs B isolates the scanner.
   B is scored three ways: with the card's spacing-aware letterbox (DICOM PixelSpacing vs the training spacing),
   with the training spacing removed from the card (what a spacing-blind pipeline sees), and after `adapt`.
+  Then 64 site-A and 64 site-B DICOM files go through a real `detflow serve` process: its /v1/shift and /metrics
+  flag, next to the same test run in-process on the engine's embeddings.
 - ``bccd``: BCCD -> shifted copies of its prepared test split (``pipeline.data.sites``): magnification x0.6 and
   x1.6 (a change of field of view) and a stain/camera change. Each copy is scored as is, after `adapt` on its own
-  test images; `adapt` on the unshifted test images checks that adaptation leaves a same-site model alone.
+  test images; `adapt` on the unshifted test images checks that adaptation leaves a same-site model alone. A box
+  less than half inside the x1.6 field is dropped (``sites.MIN_VISIBLE``); the row ``x1.6 all boxes`` scores the
+  same images with every clipped sliver kept.
+- ``--robust``: a second model trained with the robust recipe (bccd: ``train.augment.stain``; phantom:
+  ``train.augment.window`` and ``gamma``), scored on the same sets, to show what the recipe buys.
 
 Shift test (``pipeline.shift``): p-values of 64-image target sets against the model's reference sample, and the
 false-alarm rate over ``--subsets`` random same-site subsets of 64 at alpha 0.05, patient-level (patients drawn
 whole and permuted whole; the test `detflow shift` runs) next to the image-level test (every image its own unit),
 measured on the same embeddings in the same run.
 
-    python bench/cross_site.py --part phantom --epochs 20 --imgsz 256 --patients 60
-    python bench/cross_site.py --part bccd --epochs 30 --imgsz 416            # needs DETFLOW_ASSETS
+    python bench/cross_site.py --part phantom --epochs 20 --imgsz 256 --patients 60 --robust
+    python bench/cross_site.py --part bccd --epochs 30 --imgsz 416 --robust   # needs DETFLOW_ASSETS
 
 Prints one table per part; writes bench/results/cross_site_<part>.json.
 """
@@ -88,42 +94,6 @@ def external_map50(work: Path, model: Path, data: Path, name: str, fmt: str, ove
                                if isinstance(v, dict)}}
 
 
-def dicom_map50(model: Path, raw: Path, overrides: list[str]) -> dict[str, Any]:
-    """mAP50 of the engine on a phantom's DICOM files as decoded in deployment (each slice keeps its PixelSpacing,
-    so the card's spacing-aware letterbox applies), against the phantom's boxes.csv; the evaluate stage's metric
-    code (bootstrap off). `detflow evaluate --data` reads DICOM sets through prepare's reader into PNG, which
-    drops the spacing; this arm is what a deployed model scores on site-B files."""
-    import csv
-
-    from pipeline.config import load_params
-    from pipeline.evaluate import compute_metrics
-    from pipeline.evaluate.metrics import ImageDets
-    from pipeline.infer.engine import OnnxDetector
-
-    params = load_params(None, [*overrides, "evaluate.bootstrap=0"])
-    det = OnnxDetector(model, providers="CPUExecutionProvider")
-    boxes: dict[str, list[list[float]]] = {}
-    with open(raw / "boxes.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            boxes.setdefault(row["file"], []).append([float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")])
-    files = sorted(p.relative_to(raw).as_posix() for p in (raw / "dicom").rglob("*.dcm"))
-    gt: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": det.classes[0]}]}
-    images = []
-    for i, name in enumerate(files, 1):
-        b = np.array(boxes.get(name, []), dtype=np.float64).reshape(-1, 4)
-        rgb = det.decode(raw / name, name).rgb
-        gt["images"].append({"id": i, "file_name": name, "patient": name.split("/")[1], "width": rgb.shape[1],
-                             "height": rgb.shape[0]})
-        gt["annotations"] += [{"id": len(gt["annotations"]) + k + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                               "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
-                              for k, (x1, y1, x2, y2) in enumerate(b.tolist())]
-        d = det.predict([rgb], conf=0.001, iou=params.evaluate.nms_iou)[0]
-        images.append(ImageDets(image_id=i, patient=name.split("/")[1], gt_boxes=b, gt_labels=np.zeros(len(b), int),
-                                boxes=d.boxes, scores=d.scores, labels=d.labels))
-    m, _ = compute_metrics(images, gt, list(det.classes), params)
-    return {"map50": m["map50"], "n_images": len(files)}
-
-
 def adapt(work: Path, model: Path, images: Path, out: Path) -> dict[str, Any]:
     cli(work, "adapt", str(images), "--model", str(model), "--out", str(out))
     card = json.loads((out / "model_card.json").read_text())
@@ -177,13 +147,12 @@ def shift_stats(model: Path, targets: dict[str, tuple[Path, bool]], subsets: int
                 ) -> dict[str, Any]:
     """For each target set: p-values on 64 images drawn by patient; for same-site sets (flag True) the false-alarm
     rate over ``subsets`` draws, for shifted ones the largest p over 3 draws. Patient- and image-level tests."""
-    from pipeline.infer.batch import reference_groups
     from pipeline.infer.engine import OnnxDetector
     from pipeline.shift import mmd_test
 
     det = OnnxDetector(model, providers="CPUExecutionProvider")
     reference = det.embedding_reference()
-    ref_groups = reference_groups(det, len(reference))
+    ref_groups = det.embedding_reference_groups(len(reference))
     out: dict[str, Any] = {"n_reference": len(reference),
                            "reference_patients": None if ref_groups is None else len(set(ref_groups.tolist()))}
     for name, (source, same_site) in targets.items():
@@ -242,21 +211,100 @@ def part_phantom(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "B, after adapt": external_map50(work, adapted / "model.onnx", work / "data/raw/siteB", "siteB_adapted",
                                          "dicom_csv", base),
     }
-    engine_rows = {
-        "A, new patients": dicom_map50(model, work / "data/raw/siteA", base),
-        "B, spacing-aware": dicom_map50(model, work / "data/raw/siteB", base),
-        "B, spacing ignored": dicom_map50(blind / "model.onnx", work / "data/raw/siteB", base),
-        "B, after adapt": dicom_map50(adapted / "model.onnx", work / "data/raw/siteB", base),
-    }
     targets = {"A test split": (work / "data/prepared/coco/test.json", True),
                "A new patients": (work / "data/raw/siteA/dicom", True),
                "B": (work / "data/raw/siteB/dicom", False)}
     shift = shift_stats(model, targets, args.subsets, args.permutations)
+    service = {site: service_shift(work, model, sorted((work / "data/raw" / site / "dicom").rglob("*.dcm")),
+                                   args.permutations) for site in ("siteA", "siteB")}
+    robust = None
+    if args.robust:
+        recipe = args.robust_recipe or ["train.augment.window=0.2", "train.augment.gamma=0.3"]
+        rmodel = robust_model(args, work, base, recipe)
+        robust = {"recipe": recipe, "map50": {
+            "internal (A test split)": external_map50(work, rmodel, root_split_json(work / "data" / "prepared"),
+                                                      "robust_internal", "coco", base),
+            "A, new patients": external_map50(work, rmodel, work / "data/raw/siteA", "robust_siteA", "dicom_csv",
+                                              base),
+            "B, spacing-aware": external_map50(work, rmodel, work / "data/raw/siteB", "robust_siteB", "dicom_csv",
+                                               base)}}
     internal = rows["internal (A test split)"]["map50"]
     return {"overrides": base, "site_b": SITE_B, "site_patients": args.site_patients, "adapt_B": how,
-            "map50": rows, "map50_engine_on_dicom": engine_rows,
-            "b_spacing_aware_minus_internal": round(engine_rows["B, spacing-aware"]["map50"] - internal, 4),
-            "shift": shift}
+            "map50": rows,
+            "b_spacing_aware_minus_internal": round(rows["B, spacing-aware"]["map50"] - internal, 4),
+            "shift": shift, "service": service, "robust": robust}
+
+
+def service_shift(work: Path, model: Path, files: list[Path], permutations: int) -> dict[str, Any]:
+    """`detflow serve` (a real process on a free local port): the first :data:`N_TARGET` files posted to
+    /v1/detect one by one; then its /v1/shift and /metrics, next to the shift test run in-process on the engine's
+    embeddings of the same images (issue 13 acceptance 3 and 4)."""
+    import socket
+
+    import httpx
+
+    from pipeline.infer.engine import OnnxDetector
+    from pipeline.shift import mmd_test
+
+    files = files[:N_TARGET]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DETFLOW_SERVE_SHIFT_PERMUTATIONS": str(permutations),
+           "DETFLOW_SERVE_SHIFT_WINDOW": str(N_TARGET)}
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "pipeline.cli", "serve", "--model", str(model), "--port",
+                             str(port), "--providers", "CPUExecutionProvider", "--log-level", "warning"],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    sys.exit(f"detflow serve did not become ready: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.2)
+            start = time.perf_counter()
+            for f in files:
+                r = client.post("/v1/detect", files={"file": (f.name, f.read_bytes(), "application/dicom")})
+                if r.status_code != 200:
+                    sys.exit(f"/v1/detect {f}: {r.status_code} {r.text[:300]}")
+            seconds = time.perf_counter() - start
+            while True:  # the test runs off the request path; wait for the one over all the files
+                status = client.get("/v1/shift").json()
+                if (status.get("result") or {}).get("n_target") == len(files) or time.monotonic() > deadline + 60:
+                    break
+                time.sleep(0.2)
+            metrics = {line.split()[0]: float(line.split()[1]) for line in client.get("/metrics").text.splitlines()
+                       if line.startswith("detflow_serve_shift_")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    det = OnnxDetector(model, providers="CPUExecutionProvider")
+    vectors = np.concatenate([det.predict_with_embeddings([det.decode(f, f.name).rgb])[1] for f in files])
+    reference = det.embedding_reference()
+    local = mmd_test(reference, vectors, alpha=ALPHA, n_permutations=permutations,
+                     reference_groups=det.embedding_reference_groups(len(reference)))
+    res = status.get("result") or {}
+    return {"n_posted": len(files), "seconds": round(seconds, 1), "v1_shift": res, "metrics": metrics,
+            "in_process": {"statistic": local.statistic, "p_value": local.p_value, "shifted": local.shifted},
+            "same_statistic": bool(res) and abs(res["statistic"] - local.statistic) <= 1e-6 * max(1.0,
+                                                                                                abs(local.statistic))}
+
+
+def robust_model(args: argparse.Namespace, work: Path, base: list[str], recipe: list[str]) -> Path:
+    """The same training with the robust-recipe overrides, in ``work/robust`` on the same prepared data."""
+    rwork = work / "robust"
+    (rwork / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "params.yaml", rwork / "params.yaml")
+    link = rwork / "data" / "prepared"
+    if not link.exists():
+        link.symlink_to((work / "data" / "prepared").resolve(), target_is_directory=True)
+    return train_and_export(rwork, [*base, *recipe], args.reuse)
 
 
 def part_bccd(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -269,8 +317,9 @@ def part_bccd(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         cli(work, "prepare", "--out", "data/prepared", "--report", "reports/data_validation.json", *sets(base),
             "--quiet")
     model = train_and_export(work, base, args.reuse)
-    copies = {"x0.6": Magnification(0.6), "x1.6": Magnification(1.6), "stain": Stain(strength=0.3, brightness=0.9,
-                                                                                     gamma=1.2)}
+    copies = {"x0.6": Magnification(0.6), "x1.6": Magnification(1.6),
+              "stain": Stain(strength=0.3, brightness=0.9, gamma=1.2),
+              "stain strong": Stain(strength=0.6, brightness=0.85, gamma=1.4)}
     rows: dict[str, Any] = {}
     targets: dict[str, tuple[Path, bool]] = {"BCCD test": (prepared / "coco" / "test.json", True)}
     internal = external_map50(work, model, root_split_json(prepared), "internal", "coco", base)
@@ -278,21 +327,50 @@ def part_bccd(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows["unshifted"] = {"transform": None, "external": internal, "adapt": same,
                          "after_adapt": external_map50(work, work / "models_adapted_same" / "model.onnx",
                                                        root_split_json(prepared), "internal_adapted", "coco", base)}
+    tests: dict[str, Path] = {"unshifted": root_split_json(prepared)}
     for name, transform in copies.items():
-        dst = work / "data" / f"shifted_{name}"
-        write_shifted_copy(prepared, dst, transform, seed=0)
-        test_json = root_split_json(dst)
-        ext = external_map50(work, model, test_json, f"bccd_{name}", "coco", base)
-        how = adapt(work, model, dst / "images" / "test", work / f"models_adapted_{name}")
-        after = external_map50(work, work / f"models_adapted_{name}" / "model.onnx", test_json,
-                               f"bccd_{name}_adapted", "coco", base)
-        lost = internal["map50"] - ext["map50"]
-        rows[name] = {"transform": transform.describe(0),
+        dst = work / "data" / f"shifted_{name.replace(' ', '_')}"
+        summary = write_shifted_copy(prepared, dst, transform, seed=0)
+        tests[name] = test_json = root_split_json(dst)
+        ext = external_map50(work, model, test_json, f"bccd_{name.replace(' ', '_')}", "coco", base)
+        slug = name.replace(" ", "_")
+        how = adapt(work, model, dst / "images" / "test", work / f"models_adapted_{slug}")
+        after = external_map50(work, work / f"models_adapted_{slug}" / "model.onnx", test_json,
+                               f"bccd_{slug}_adapted", "coco", base)
+        rows[name] = {"transform": transform.describe(0), "boxes": _box_counts(summary),
                       "external": ext, "adapt": how, "after_adapt": after,
-                      "recovered_fraction": round((after["map50"] - ext["map50"]) / lost, 3) if lost > 1e-9 else None}
+                      "recovered_fraction": recovered(internal, ext, after)}
         targets[f"BCCD {name}"] = (dst / "coco" / "test.json", False)
+    # the x1.6 copy scored with every clipped box kept, slivers included (same images, so the same adaptation)
+    dst = work / "data" / "shifted_x1.6_all_boxes"
+    summary = write_shifted_copy(prepared, dst, copies["x1.6"], seed=0, min_visible=0.0)
+    test_json = root_split_json(dst)
+    ext = external_map50(work, model, test_json, "bccd_x1.6_all_boxes", "coco", base)
+    after = external_map50(work, work / "models_adapted_x1.6" / "model.onnx", test_json,
+                           "bccd_x1.6_all_boxes_adapted", "coco", base)
+    rows["x1.6 all boxes"] = {"transform": {**copies["x1.6"].describe(0), "min_visible": 0.0},
+                              "boxes": _box_counts(summary), "external": ext, "adapt": rows["x1.6"]["adapt"],
+                              "after_adapt": after, "recovered_fraction": recovered(internal, ext, after)}
+    robust = None
+    if args.robust:
+        recipe = args.robust_recipe or ["train.augment.stain=0.3"]
+        rmodel = robust_model(args, work, base, recipe)
+        robust = {"recipe": recipe, "map50": {name: external_map50(work, rmodel, t,
+                                                                   f"robust_{name.replace(' ', '_')}", "coco", base)
+                                              for name, t in tests.items()}}
     shift = shift_stats(model, targets, args.subsets, args.permutations)
-    return {"overrides": base, "map50": rows, "shift": shift}
+    return {"overrides": base, "map50": rows, "robust": robust, "shift": shift}
+
+
+def _box_counts(summary: Any) -> dict[str, int]:
+    return {k: getattr(summary, k) for k in ("boxes_in", "boxes_out", "boxes_clipped", "dropped_outside",
+                                             "dropped_small", "dropped_truncated")}
+
+
+def recovered(internal: dict[str, Any], ext: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Share of the mAP50 lost to the shift that adaptation won back (None when nothing was lost)."""
+    lost = internal["map50"] - ext["map50"]
+    return round((after["map50"] - ext["map50"]) / lost, 3) if lost > 1e-9 else None
 
 
 def print_tables(part: str, res: dict[str, Any]) -> None:
@@ -300,10 +378,7 @@ def print_tables(part: str, res: dict[str, Any]) -> None:
     if part == "phantom":
         for name, r in res["map50"].items():
             print(f"  {name:<26} {r['map50']:.4f}  CI {r['ci95']}  ({r['n_images']} images)")
-        print("  engine on the DICOM files (PixelSpacing kept: the deployed preprocessing):")
-        for name, r in res["map50_engine_on_dicom"].items():
-            print(f"  {name:<26} {r['map50']:.4f}  ({r['n_images']} images)")
-        print(f"  B spacing-aware (engine) - internal: {res['b_spacing_aware_minus_internal']:+.4f}; "
+        print(f"  B spacing-aware - internal: {res['b_spacing_aware_minus_internal']:+.4f}; "
               f"adapt: {res['adapt_B']}")
     else:
         print(f"  {'set':<10} {'external':>9} {'after adapt':>12} {'recovered':>10}  adapt")
@@ -311,6 +386,21 @@ def print_tables(part: str, res: dict[str, Any]) -> None:
             rec = r.get("recovered_fraction")
             print(f"  {name:<10} {r['external']['map50']:>9.4f} {r['after_adapt']['map50']:>12.4f} "
                   f"{'' if rec is None else f'{rec:.0%}':>10}  {r['adapt']}")
+    if res.get("robust"):
+        r = res["robust"]
+        plain = res["map50"]
+        print(f"\n== {part}: robust recipe {' '.join(r['recipe'])} (external mAP50, no adaptation)")
+        for name, m in r["map50"].items():
+            p = plain.get(name)
+            p = p.get("external", p) if isinstance(p, dict) else None
+            vs = f"   plain recipe {p['map50']:.4f}  ({m['map50'] - p['map50']:+.4f})" if p else ""
+            print(f"  {name:<26} {m['map50']:.4f}{vs}")
+    for site, r in (res.get("service") or {}).items():
+        v = r["v1_shift"]
+        print(f"\n== {part}: {r['n_posted']} {site} images through `detflow serve` ({r['seconds']} s): /v1/shift "
+              f"shifted={v.get('shifted')} p={v.get('p_value')} MMD2={v.get('statistic')}; /metrics flag "
+              f"{r['metrics'].get('detflow_serve_shift_flag')}; in-process engine p={r['in_process']['p_value']} "
+              f"MMD2={r['in_process']['statistic']} (same statistic: {r['same_statistic']})")
     s = res["shift"]
     print(f"\n== {part}: shift test, {N_TARGET} images vs the reference ({s['n_reference']} rows, "
           f"{s['reference_patients']} patients), alpha {ALPHA}")
@@ -338,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="extra param overrides")
     ap.add_argument("--work", type=Path, default=None, help="work folder per part: WORK/<part> (default: temporary)")
     ap.add_argument("--reuse", action="store_true", help="reuse data and models already in the work folder")
+    ap.add_argument("--robust", action="store_true",
+                    help="also train with the robust recipe (bccd: stain jitter; phantom: window and gamma jitter) "
+                         "and score it on the same sets")
+    ap.add_argument("--robust-recipe", action="append", default=[], help="override the robust recipe (KEY=VALUE)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     root = args.work or Path(tempfile.mkdtemp(prefix="detflow-bench-cross-site-"))
