@@ -233,3 +233,19 @@ def test_shifted_copy_carries_each_images_pixel_spacing(tmp_path: Path) -> None:
         entries = {i["file_name"]: i for i in json.loads((out / "coco" / "test.json").read_text())["images"]}
         assert entries["images/test/b.png"]["pixel_spacing"] == pytest.approx(expected)
         assert "pixel_spacing" not in entries["images/test/d.png"]
+
+
+def test_labelled_visibility_reads_the_sources_convention_for_cut_objects(tmp_path: Path) -> None:
+    from pipeline.data.sites import labelled_visibility
+
+    (tmp_path / "coco").mkdir()
+    images = [{"id": 1, "width": 100, "height": 100}]
+    # 40 boxes cut by the left edge, 20 px tall, showing 12..20 px (60 %..100 %); interior and corner boxes ignored
+    anns = [{"image_id": 1, "bbox": [0, 10, 12 + k * 0.2, 20]} for k in range(40)]
+    anns += [{"image_id": 1, "bbox": [40, 40, 5, 20]}, {"image_id": 1, "bbox": [0, 0, 2, 20]}]
+    (tmp_path / "coco" / "train.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    assert labelled_visibility(tmp_path) == pytest.approx(np.quantile([(12 + k * 0.2) / 20 for k in range(40)], 0.05),
+                                                          abs=1e-3)
+    assert labelled_visibility(tmp_path, min_boxes=41) is None
+    with pytest.raises(DataError, match="cannot read"):
+        labelled_visibility(tmp_path / "nowhere")
