@@ -98,12 +98,34 @@ def test_export_adds_embedding_output_and_reference(exported: dict[str, Path], e
     ref = np.load(ref_path)
     assert ref.dtype == np.float32 and ref.shape == (len(train_images), emb["shape"][1])
     assert emb["reference"]["rows"] == len(train_images) and emb["reference"]["split"] == "train"
+    assert "validation split has" in emb["reference"]["note"]  # the tiny phantom's val split is below 32 images
     # the reference is what the engine computes on the training images, one per call
     dets, vectors = engine.predict_with_embeddings([engine.decode(p).rgb for p in train_images[:1]])
     name = train_images[0].name
     row = sorted(p.name for p in train_images).index(name)
     np.testing.assert_allclose(vectors[0], ref[row], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(engine.embedding_reference(), ref.astype(np.float64))
+
+
+def test_reference_sample_is_the_validation_split_when_it_is_large_enough(exported: dict[str, Path], engine: Any,
+                                                                         tmp_path: Path) -> None:
+    """Held-out images, not the ones the model fitted; the training split only below MIN_HELD_OUT val images."""
+    from pipeline.export import MIN_HELD_OUT, reference_sample
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(exported["prepared"], prepared)
+    train = json.loads((prepared / "coco" / "train.json").read_text())
+    val = {**train, "images": [{**im, "patient": f"v{im['id'] % 3}"} for im in train["images"]]}
+    while len(val["images"]) < MIN_HELD_OUT:  # the train images again, listed as a val split of 3 patients
+        val["images"] += [{**im, "id": len(val["images"]) + 1} for im in val["images"][:MIN_HELD_OUT]]
+    (prepared / "coco" / "val.json").write_text(json.dumps(val))
+    ref, groups, how = reference_sample(engine, prepared, rows=40)
+    assert how["split"] == "val" and "note" not in how and how["rows"] == len(ref) == min(40, len(val["images"]))
+    assert set(groups.tolist()) == {"v0", "v1", "v2"} and how["patients"] == 3
+    val["images"] = val["images"][:MIN_HELD_OUT - 1]
+    (prepared / "coco" / "val.json").write_text(json.dumps(val))
+    _, groups, how = reference_sample(engine, prepared)
+    assert how["split"] == "train" and f"< {MIN_HELD_OUT}" in how["note"] and "v0" not in set(groups.tolist())
 
 
 def test_embedding_matches_pytorch(exported: dict[str, Path], engine: Any, train_images: list[Path]) -> None:

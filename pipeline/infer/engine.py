@@ -352,8 +352,9 @@ class OnnxDetector:
         return entry if isinstance(entry, dict) else {}
 
     def embedding_reference(self) -> np.ndarray:
-        """The training-split embeddings written by export next to the model (float64 (n, D)), checked against the
-        sha256 in the card. Raises :class:`EmbeddingsUnavailable` with the reason otherwise."""
+        """The reference embeddings (held-out same-site images, see :func:`pipeline.export.reference_sample`)
+        written by export next to the model (float64 (n, D)), checked against the sha256 in the card. Raises
+        :class:`EmbeddingsUnavailable` with the reason otherwise."""
         self.require_embeddings()
         ref = self._reference_file(self._reference_entry() or None, "embedding reference sample")
         if ref.ndim != 2 or not np.isfinite(ref).all():
