@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,12 +84,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> d
             "phantom": small_phantom}
 
 
-def write_tiny_yolo_onnx(path: Path) -> None:
-    """A real YOLO-shaped ONNX graph (1x1 conv to 4 box + 1 class channels, zero weights): no detections, but it
-    loads and runs like an export, so infer cases fail on their input and not on the model."""
+def write_tiny_yolo_onnx(path: Path, weight: Any = None, bias: Any = None) -> None:
+    """A real YOLO-shaped ONNX graph (1x1 conv to 4 box + 1 class channels): with zero weights (the default) no
+    detections, but it loads and runs like an export, so infer cases fail on their input and not on the model;
+    ``weight`` (5, 3, 1, 1) and ``bias`` (5,) make its boxes follow the pixels."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.zeros((5, 3, 1, 1), np.float32) if weight is None else np.asarray(weight, np.float32)
+    bias = np.zeros(5, np.float32) if bias is None else np.asarray(bias, np.float32)
 
     graph = helper.make_graph(
         [helper.make_node("Conv", ["images", "w", "b"], ["feat"]),
@@ -96,8 +101,7 @@ def write_tiny_yolo_onnx(path: Path) -> None:
         "tiny",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 5, "A"])],
-        [numpy_helper.from_array(np.zeros((5, 3, 1, 1), np.float32), "w"),
-         numpy_helper.from_array(np.zeros(5, np.float32), "b"),
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
          numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

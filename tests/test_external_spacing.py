@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tiny_yolo_onnx
 
 from pipeline.config import ExternalSetParams, Params, PhantomParams, load_params
 from pipeline.data.imaging import pixel_spacing_of
@@ -30,25 +31,11 @@ TRAIN_SPACING, SIZE = 0.7, 64
 def _write_model(folder: Path) -> Path:
     """A dynamic-shape YOLO graph (1 class): a 1x1 conv maps each input pixel to a box (cx = 24 + 16 R, cy = 40 - 16 G,
     w = h = 8) scored B, so detections follow the letterboxed pixels. Its card records the training spacing."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.zeros((5, 3, 1, 1), np.float32)
     w[0, 0], w[1, 1], w[4, 2] = 16.0, -16.0, 1.0
-    b = np.array([24.0, 40.0, 8.0, 8.0, 0.0], np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["images", "w", "b"], ["feat"]),
-         helper.make_node("Reshape", ["feat", "shape"], ["output0"])],
-        "tiny-spacing",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 5, "A"])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
-         numpy_helper.from_array(np.array([0, 5, -1], np.int64), "shape")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
-    onnx.save(model, str(path))
+    write_tiny_yolo_onnx(path, w, [24.0, 40.0, 8.0, 8.0, 0.0])
     card = {"family": "yolo", "classes": ["nodule"], "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "input": {"imgsz": SIZE, "stride": 32, "pixel_spacing": {"value": TRAIN_SPACING, "unit": "mm"}},
             "training_data": {"image_long_side_px": SIZE}}
