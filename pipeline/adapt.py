@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DetflowError
+from pipeline.matching import off_edge
 
 QUANTILES: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 MIN_IMAGES = 8
@@ -54,15 +55,6 @@ KEEP_ONE_MARGIN = 0.05
 """1.0 is kept unless another scale's log-size distance is smaller by more than this (about 5 % in size)."""
 MIN_YIELD = 0.5
 """A scale is eligible only with at least this fraction of the detections of the most productive scale."""
-EDGE_PX = 1.0
-"""A box within this many pixels of the image edge is cut by the frame: its size is not its object's, so it is left
-out of the size distributions (training boxes and detections alike)."""
-
-
-def off_edge(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Mask of the xyxy boxes that do not touch the image edge (see :data:`EDGE_PX`)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return (b[:, 0] > EDGE_PX) & (b[:, 1] > EDGE_PX) & (b[:, 2] < width - EDGE_PX) & (b[:, 3] < height - EDGE_PX)
 
 
 class AdaptError(DetflowError):
@@ -93,16 +85,15 @@ def training_object_sizes(prepared: Path, classes: list[str], imgsz: int) -> dic
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DetflowError(f"cannot read the training boxes {path}: {e}") from None
-    ratio = {im["id"]: imgsz / max(im["width"], im["height"]) for im in doc.get("images", [])}
     frame = {im["id"]: (float(im["width"]), float(im["height"])) for im in doc.get("images", [])}
-    long_sides = [max(im["width"], im["height"]) for im in doc.get("images", [])]
+    long_sides = [max(wh) for wh in frame.values()]
     sizes: dict[str, list[float]] = {c: [] for c in classes}
     for ann in doc.get("annotations", []):
         k = int(ann["category_id"]) - 1
         x, y, w, h = (float(v) for v in ann["bbox"])
-        if 0 <= k < len(classes) and w > 0 and h > 0 and ann["image_id"] in ratio \
+        if 0 <= k < len(classes) and w > 0 and h > 0 and ann["image_id"] in frame \
                 and off_edge(np.array([[x, y, x + w, y + h]]), *frame[ann["image_id"]])[0]:
-            sizes[classes[k]].append(math.sqrt(w * h) * ratio[ann["image_id"]])
+            sizes[classes[k]].append(math.sqrt(w * h) * imgsz / max(frame[ann["image_id"]]))
     return {"measure": "sqrt(w*h) of each box in model-input pixels after the letterbox to imgsz; boxes touching the "
                        "image edge left out", "split": "train",
             "imgsz": imgsz, "quantiles": list(QUANTILES),

@@ -1,5 +1,6 @@
 """Box overlap and the one greedy IoU matcher: detections to ground truth (metrics), PyTorch to ONNX boxes (export
-parity), boxes to each other (duplicate checks in the data stage).
+parity), boxes to each other (duplicate checks in the data stage); and which boxes the image edge cuts (site
+adaptation's size record, the shifted copies' labelling convention).
 
 Numpy only (no torch), and at the package root because the data, evaluate and export stages all use it.
 """
@@ -9,6 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+EDGE_PX = 1.0
+"""A box within this many pixels of the image edge is cut by the frame: it shows the frame, not its object's size."""
+
+
+def edge_cuts(boxes: np.ndarray, width: float, height: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per xyxy box: (cut by the left or right edge, cut by the top or bottom edge), see :data:`EDGE_PX`."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return ((b[:, 0] <= EDGE_PX) | (b[:, 2] >= width - EDGE_PX),
+            (b[:, 1] <= EDGE_PX) | (b[:, 3] >= height - EDGE_PX))
+
+
+def off_edge(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Mask of the xyxy boxes that no image edge cuts."""
+    cut_x, cut_y = edge_cuts(boxes, width, height)
+    return ~(cut_x | cut_y)
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -18,11 +18,11 @@ from pipeline.adapt import (
     AdaptError,
     choose_scale,
     distribution,
-    off_edge,
     predicted_sizes,
     training_object_sizes,
 )
 from pipeline.infer.processing import InputScaling, preprocess, target_size
+from pipeline.matching import off_edge
 
 BIN = Path(sys.executable).with_name("detflow")
 CLI = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "pipeline.cli"]

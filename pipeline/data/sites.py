@@ -44,6 +44,7 @@ from pipeline.data.prepare import PreparedImage, _manifest, _write_dataset
 from pipeline.data.split import SPLITS
 from pipeline.errors import ConfigError, DataError
 from pipeline.fileio import atomic_directory
+from pipeline.matching import edge_cuts
 
 MIN_SIDE_PX = 2.0
 MIN_VISIBLE = 0.5
@@ -157,7 +158,7 @@ def labelled_visibility(prepared: str | Path, split: str = "train", quantile: fl
         (x, y, w, h), (fw, fh) = a["bbox"], frame[a["image_id"]]
         if w <= 0 or h <= 0:
             continue
-        cut_x, cut_y = x <= 1 or x + w >= fw - 1, y <= 1 or y + h >= fh - 1
+        cut_x, cut_y = (bool(c[0]) for c in edge_cuts(np.array([[x, y, x + w, y + h]]), fw, fh))
         if cut_x != cut_y:
             ratios.append(min(1.0, w / h if cut_x else h / w))
     return round(float(np.quantile(ratios, quantile)), 3) if len(ratios) >= min_boxes else None
