@@ -125,7 +125,7 @@ CASES: list[tuple[list[str], int, str]] = [
     (["infer", "imgs", "--model", "missing.onnx"], 1, "model missing.onnx not found"),
     (["infer", "imgs", "--model", "nocard/model.onnx"], 1, "model card nocard/model_card.json not found"),
     (["infer", "imgs", "--model", "badcard/model.onnx"], 1, "model card badcard/model_card.json is not valid JSON"),
-    (["infer", "imgs", "--model", "listcard/model.onnx"], 1, "holds a JSON list, expected an object"),
+    (["infer", "imgs", "--model", "listcard/model.onnx"], 1, "is not a JSON object: it holds a JSON list"),
     (["infer", "imgs", "--model", "badconf/model.onnx"], 1, "conf must be a number in [0, 1], got 5"),
     (["infer", "imgs", "--model", "notonnx/model.onnx"], 1, "onnxruntime cannot load notonnx/model.onnx"),
     (["infer", "imgs", *TINY, "--providers", "bogus"], 1, "execution providers ['bogus'] are not available"),

@@ -472,7 +472,8 @@ def test_model_files_are_checked_before_loading(tmp_path: Path) -> None:
     s = settings(model_path=model)
     cases = [(None, "model.onnx not found; run `detflow export`"),
              ("{", "is not valid JSON (line 1, column 2)"), ("[]", "is not a JSON object"),
-             ('{"classes": "RBC", "input": {}}', "malformed (classes is not a list; input lacks imgsz)")]
+             ('{"classes": "RBC", "input": {}}',
+              "malformed (lacks family; classes is not a list; input lacks imgsz; lacks sha256)")]
     for card, expected in cases:
         if card is not None:
             model.write_bytes(b"onnx")
@@ -480,8 +481,9 @@ def test_model_files_are_checked_before_loading(tmp_path: Path) -> None:
         with pytest.raises(ModelLoadError) as e:
             check_model_files(s)
         assert expected in str(e.value) and "\n" not in str(e.value)
-    (tmp_path / "model_card.json").write_text('{"family": "yolo", "classes": ["a"], "input": {"imgsz": 64}}')
-    check_model_files(s)
+    (tmp_path / "model_card.json").write_text('{"family": "yolo", "classes": ["a"], "input": {"imgsz": 64}, '
+                                              '"sha256": "00"}')
+    check_model_files(s)  # the card schema (pipeline/contracts/card.py) holds; the checksum is the engine's check
 
 
 def test_the_real_tiny_model_loads_and_warms_up(exported: dict[str, Path]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params
+from pipeline.contracts.card import SCHEMA, validate_card
 from pipeline.errors import DataError, DetflowError
 from pipeline.families import ModelFamily
 from pipeline.fileio import (
@@ -193,7 +194,7 @@ def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgs
         resize = (f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
                   "centre padding with grey 114; boxes mapped back by the same scale and offset")
     return {
-        "schema": "detflow-model-card/1",
+        "schema": SCHEMA,
         "family": family.name, "model": model_name, "classes": classes,
         "input": {"name": "images", "shape": shape, "imgsz": imgsz, "stride": stride,
                   "dtype": family.input_dtype(settings),
@@ -308,6 +309,7 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["version"] = card["sha256"][:12]
         card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE,
                                              work / REFERENCE_GROUPS_FILE)
+        validate_card(card, "the model card export built")  # the schema the engine and the service read
         with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE,
                             out_dir / REFERENCE_GROUPS_FILE) as (
                 model_staged, card_staged, reference_staged, groups_staged):

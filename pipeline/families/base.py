@@ -18,31 +18,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.contracts.checkpoint import HEADER_FORMAT, HEADER_KEY, CheckpointMeta
+from pipeline.contracts.embedding import EMBEDDING_META_KEY, EMBEDDING_OUTPUT, embedding_tag
 from pipeline.errors import DetflowError
+
+__all__ = ["EMBEDDING_META_KEY", "EMBEDDING_OUTPUT", "HEADER_FORMAT", "HEADER_KEY", "CheckpointMeta", "ExportSettings",
+           "LoadedModel", "ModelFamily", "add_pooled_embedding", "embedding_card", "embedding_tag", "tag_embedding"]
 
 if TYPE_CHECKING:
     from pipeline.config import Params, TrainParams
-    from pipeline.infer.processing import Detections, LetterboxMeta
-    from pipeline.train.common import PretrainedSource, TrainResult
-
-#: Key of the header every detflow checkpoint carries (both families, whatever else the file holds).
-HEADER_KEY = "detflow"
-HEADER_FORMAT = 1
-
-#: The graph output every export adds next to the detections: one pooled feature vector per image, float32 (N, D),
-#: what shift detection compares (``pipeline.shift``). Graphs exported before it existed lack it; the engine says so.
-EMBEDDING_OUTPUT = "embedding"
-#: ONNX metadata key under which an export records what its embedding is (JSON: ``meaning``, ``dim``); the card
-#: copies it.
-EMBEDDING_META_KEY = "detflow_embedding"
-
+    from pipeline.contracts.detections import Detections, LetterboxMeta
+    from pipeline.contracts.results import PretrainedSource, TrainResult
 
 def add_pooled_embedding(model: Any, features: Sequence[str], meaning: str) -> Any:
     """Append :data:`EMBEDDING_OUTPUT` to an ONNX ``ModelProto``: the global average of each named NCHW feature map,
@@ -94,19 +86,6 @@ def tag_embedding(model: Any, meaning: str, dim: int | None) -> None:
     entry.key, entry.value = EMBEDDING_META_KEY, json.dumps({"meaning": meaning, "dim": dim})
 
 
-def embedding_tag(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """What an export recorded about its embedding (``meaning``, ``dim``), from ONNX metadata as a mapping
-    (``onnxruntime``'s ``get_modelmeta().custom_metadata_map`` or the proto's ``metadata_props``); None if absent."""
-    import json
-
-    raw = metadata.get(EMBEDDING_META_KEY)
-    try:
-        doc = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def embedding_card(onnx_path: Path, reference: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The card's ``embedding`` entry for an exported graph: output name, shape, meaning and the reference sample
     (file, sha256, rows); None when the graph has no embedding output."""
@@ -132,39 +111,6 @@ class ExportSettings(BaseModel):
 
     opset: int
     max_map_delta: float
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """What inference needs from a checkpoint, stored under ``ckpt["detflow"]``: no field has a default."""
-
-    family: str
-    model: str
-    classes: list[str]
-    imgsz: int
-    format: int = HEADER_FORMAT
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def read(cls, ckpt: Any, path: Path) -> CheckpointMeta:
-        """The header of a loaded checkpoint; a missing header or field is an error naming ``path``."""
-        header = ckpt.get(HEADER_KEY) if isinstance(ckpt, Mapping) else None
-        if not isinstance(header, Mapping):
-            raise DetflowError(f"model checkpoint {path} has no detflow header (family, model, classes, imgsz); "
-                               "expected a checkpoint written by `detflow train` (e.g. models/train/best.pt)")
-        missing = [k for k in ("family", "model", "classes", "imgsz") if k not in header]
-        if missing:
-            raise DetflowError(f"model checkpoint {path}: the detflow header lacks {', '.join(missing)}; "
-                               "retrain with `detflow train`")
-        classes, imgsz = header["classes"], header["imgsz"]
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-            raise DetflowError(f"model checkpoint {path}: header classes {classes!r} is not a list of names")
-        if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 1:
-            raise DetflowError(f"model checkpoint {path}: header imgsz {imgsz!r} is not a positive integer")
-        return cls(family=str(header["family"]), model=str(header["model"]), classes=list(classes), imgsz=imgsz,
-                   format=int(header.get("format", HEADER_FORMAT)))
 
 
 class LoadedModel(Protocol):

@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.contracts.results import PretrainedSource, TrainResult
 from pipeline.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -101,35 +102,6 @@ def run_fingerprint(params: TrainParams, data_fingerprint: str, pretrained_sha: 
     blob = json.dumps({"train": params.model_dump(mode="json", exclude={"resume", "workers"}),
                        "data": data_fingerprint, "pretrained": pretrained_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class PretrainedSource:
-    """Where initial weights came from; ``kind`` is coco, path or none."""
-
-    kind: str
-    source: str
-    path: str | None = None
-    sha256: str | None = None
-    note: str = ""
-
-
-@dataclass
-class TrainResult:
-    family: str
-    model: str
-    best: Path
-    last: Path
-    epochs_run: int
-    start_epoch: int
-    resumed: bool
-    metrics: dict[str, float] = field(default_factory=dict)
-    transfer: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["best"], d["last"] = str(self.best), str(self.last)
-        return d
 
 
 def transfer_summary(pretrained: PretrainedSource, report: dict[str, Any] | None,
