@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from pipeline.infer import OnnxDetector, plan_workers
+    from pipeline.infer.engine import OnnxDetector, plan_workers
     from pipeline.infer.processing import preprocess
 
     files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
@@ -144,8 +144,8 @@ def _without_embedding(engine: object, scratch: Path) -> object:
     """The same model without its embedding output (what export wrote before shift detection), for the cost arm."""
     import onnx
 
-    from pipeline.families.base import EMBEDDING_OUTPUT
-    from pipeline.infer import OnnxDetector
+    from pipeline.contracts.embedding import EMBEDDING_OUTPUT
+    from pipeline.infer.engine import OnnxDetector
 
     model = onnx.load(str(engine.model_path))  # type: ignore[attr-defined]
     keep = [o for o in model.graph.output if o.name != EMBEDDING_OUTPUT]

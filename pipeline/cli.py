@@ -41,7 +41,15 @@ OnnxModelOpt = Annotated[Path, typer.Option(help="ONNX model (model_card.json ne
 
 
 def _params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - Params, imported lazily
+    """Params with the model family checked (pipeline/config.py): for the commands that touch a model."""
     from pipeline.config import load_params
+
+    return load_params(path, overrides or [])
+
+
+def _data_params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - BaseParams, imported lazily
+    """Params without the family registry (pipeline/params.py): for the data stages, which touch no model."""
+    from pipeline.params import load_params
 
     return load_params(path, overrides or [])
 
@@ -90,7 +98,7 @@ def phantom(
     """Write the synthetic chest-CT phantom (DICOM + box CSV), deterministic for its params."""
     from pipeline.data.phantom import generate_phantom
 
-    p = _params(params, set_)
+    p = _data_params(params, set_)
     _writable(out, "output folder")
     summary = generate_phantom(p.phantom, out, progress=_progress(quiet))
     typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
@@ -111,7 +119,7 @@ def prepare(
     """Validate, split by patient and write the canonical dataset (YOLO layout, COCO JSON, manifest)."""
     from pipeline.data.prepare import prepare_dataset
 
-    p = _params(params, set_)
+    p = _data_params(params, set_)
     _writable(out, "prepared dataset folder")
     _writable(report, "validation report", folder=False)
     result = prepare_dataset(p, out, report, raw_dir=raw_dir, phantom_dir=phantom_dir, mirrors=mirror,
@@ -136,8 +144,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a detector (YOLO or Faster R-CNN) from COCO weights with the configured strategy."""
-    from pipeline.train import train_model
-    from pipeline.train.common import default_workdir
+    from pipeline.train.runs import default_workdir
+    from pipeline.train.stage import train_model
 
     p = _params(params, set_)
     _writable(out, "weights folder")
@@ -176,7 +184,6 @@ def evaluate(
 ) -> None:
     """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate; or score it on
     external sets (another site's labelled data) next to the internal test split."""
-    from pipeline.evaluate import evaluate_model, is_prepared
     from pipeline.evaluate.external import (
         default_set_name,
         evaluate_dataset,
@@ -184,6 +191,7 @@ def evaluate(
         external_set,
     )
     from pipeline.evaluate.gate import gate_table
+    from pipeline.evaluate.stage import evaluate_model, is_prepared
 
     p = _params(params, set_)
     _writable(reports, "reports folder")

@@ -11,7 +11,9 @@ the module part of every stage's deps is computed from the source, statically (`
   when the stage needs them), ``from pipeline.x import y`` where ``y`` is a submodule, and the ``__init__.py`` of
   every package on the way (importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py``). Imports under
   ``if TYPE_CHECKING:`` never run and are not followed. Dynamic imports (``importlib``) are not seen: don't use
-  them for pipeline modules.
+  them for pipeline modules. The one exception is a convention this module knows (:data:`CONVENTIONS`):
+  ``pipeline.families.backends`` imports the ``backend`` module of every family package that
+  ``pipeline/families/__init__.py`` registers (the spec must not import its backend; see that module).
 
 Decisions
 ---------
@@ -174,6 +176,35 @@ def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Pa
     return {m for m in found if module_file(m, root) is not None}
 
 
+def family_backends(root: Path = REPO) -> set[str]:
+    """``pipeline.families.<name>.backend`` of every family package ``pipeline/families/__init__.py`` imports."""
+    registry = root / "pipeline" / "families" / "__init__.py"
+    if not registry.is_file():
+        return set()
+    tree = ast.parse(registry.read_text(), filename=str(registry))
+    packages = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+                and node.module.startswith("pipeline.families.")
+                and (root.joinpath(*node.module.split(".")) / "__init__.py").is_file()}
+    return {f"{p}.backend" for p in packages if module_file(f"{p}.backend", root) is not None}
+
+
+#: Imports made by name that the static analysis cannot see, by module: what it imports (see the docstring).
+CONVENTIONS = {"pipeline.families.backends": family_backends}
+
+
+def module_imports(name: str, root: Path = REPO, at_import: bool = False) -> set[str]:
+    """The ``pipeline`` modules module ``name`` imports (:func:`imported_modules` of its file, plus
+    :data:`CONVENTIONS`); with ``at_import`` only those that run when it is imported."""
+    path = module_file(name, root)
+    if path is None:
+        return set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = imported_modules(tree.body, name, path, root, at_import)
+    if name in CONVENTIONS and not at_import:
+        found |= CONVENTIONS[name](root)
+    return found
+
+
 def _with_parents(module: str) -> set[str]:
     parts = module.split(".")
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
@@ -188,12 +219,10 @@ def import_closure(start: set[str], root: Path = REPO, at_import: bool = False) 
         name = todo.pop()
         if name in seen:
             continue
-        path = module_file(name, root)
-        if path is None:
+        if module_file(name, root) is None:
             continue
         seen.add(name)
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for imported in imported_modules(tree.body, name, path, root, at_import):
+        for imported in module_imports(name, root, at_import):
             todo.extend(_with_parents(imported) - seen)
     return seen
 

@@ -67,9 +67,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path) -> d
     """phantom -> prepare -> train -> evaluate -> export, once per session; tests copy before they modify."""
     from pipeline.config import load_params
     from pipeline.data.prepare import prepare_dataset
-    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate.stage import evaluate_model
     from pipeline.export import export_model
-    from pipeline.train import train_model
+    from pipeline.train.stage import train_model
 
     root = tmp_path_factory.mktemp("exported")
     params = load_params(None, TINY_EXPORT)

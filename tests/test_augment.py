@@ -151,7 +151,7 @@ def test_determinism_for_a_seed_and_bad_strengths() -> None:
 # ---------------------------------------------------------------- Faster R-CNN
 
 
-def _frcnn_sample() -> tuple[Any, dict[str, Any]]:
+def _torchvision_sample() -> tuple[Any, dict[str, Any]]:
     from torchvision import tv_tensors
 
     img = torch.from_numpy(_tissue()).permute(2, 0, 1).contiguous()
@@ -159,23 +159,23 @@ def _frcnn_sample() -> tuple[Any, dict[str, Any]]:
     return tv_tensors.Image(img), {"boxes": boxes, "labels": torch.tensor([1])}
 
 
-def _frcnn_tp(**augment: Any) -> TrainParams:
+def _torchvision_tp(**augment: Any) -> TrainParams:
     base = dict(fliplr=0.0, flipud=0.0, hsv=False, scale=0.0, mosaic=False)
-    return TrainParams(family="frcnn", imgsz=32, augment=AugmentParams(**{**base, **augment}))
+    return TrainParams(family="torchvision", imgsz=32, augment=AugmentParams(**{**base, **augment}))
 
 
-def test_frcnn_train_transforms_apply_the_jitter_and_val_does_not() -> None:
+def test_torchvision_train_transforms_apply_the_jitter_and_val_does_not() -> None:
     from torchvision.transforms.v2.functional import to_dtype
 
-    from pipeline.families.frcnn.data import Photometric, build_transforms
+    from pipeline.families.torchvision.data import Photometric, build_transforms
 
-    image, target = _frcnn_sample()
+    image, target = _torchvision_sample()
     plain = to_dtype(image, torch.float32, scale=True)
-    off_img, off_target = build_transforms(_frcnn_tp(), train=True)(image, target)
+    off_img, off_target = build_transforms(_torchvision_tp(), train=True)(image, target)
     assert torch.equal(off_img, plain) and torch.equal(off_target["boxes"], target["boxes"])
     assert not any(isinstance(t, Photometric) for t in build_transforms(TrainParams(), train=True).transforms)
 
-    train = build_transforms(_frcnn_tp(stain=0.3, window=0.1, gamma=0.2), train=True)
+    train = build_transforms(_torchvision_tp(stain=0.3, window=0.1, gamma=0.2), train=True)
     assert sum(isinstance(t, Photometric) for t in train.transforms) == 1
     torch.manual_seed(0)
     on_img, on_target = train(image, target)
@@ -190,7 +190,7 @@ def test_frcnn_train_transforms_apply_the_jitter_and_val_does_not() -> None:
     assert torch.equal(train(image, target)[0], on_img)
     assert not torch.equal(train(image, target)[0], on_img)  # a new draw per image
 
-    val = build_transforms(_frcnn_tp(stain=0.3, window=0.1, gamma=0.2), train=False)
+    val = build_transforms(_torchvision_tp(stain=0.3, window=0.1, gamma=0.2), train=False)
     assert torch.equal(val(image, target)[0], plain)
 
 

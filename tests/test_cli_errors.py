@@ -185,7 +185,7 @@ def test_engine_rejects_bad_thresholds(ws: Path) -> None:
     assert det.conf == 0.25
     det.conf = np.float32(0.5)  # numpy scalars are numbers too
     assert det.conf == 0.5 and det.predict([np.zeros((8, 8, 3), np.uint8)])[0].boxes.shape == (0, 4)
-    with pytest.raises(ModelLoadError, match="postprocess: conf must be a number"):
+    with pytest.raises(ModelLoadError, match=r"malformed \(postprocess.conf: conf must be a number"):
         OnnxDetector(ws / "badconf" / "model.onnx", providers="CPUExecutionProvider")
 
 # `detflow adapt` (issue 13): bad target images get one line before any model run (own list: CASES is bound above)

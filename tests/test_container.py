@@ -225,7 +225,7 @@ def test_image_config_non_root_user_port_and_healthcheck(serve_image: tuple[str,
 
 
 def test_container_serves_like_the_engine(container: tuple[Container, str], exported: dict[str, Path]) -> None:
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     c, url = container
     # the server runs as the image's user, never root

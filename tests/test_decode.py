@@ -82,7 +82,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A real OnnxDetector on a tiny graph whose card asks for a params DICOM window."""
     from conftest import write_tiny_yolo_onnx
 
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     root = tmp_path_factory.mktemp("model")
     write_tiny_yolo_onnx(root / "model.onnx")

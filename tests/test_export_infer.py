@@ -40,7 +40,7 @@ def test_parity_report_and_card(exported: dict[str, Path]) -> None:
 
 def test_engine_matches_torch_on_same_images(exported: dict[str, Path]) -> None:
     from pipeline.evaluate.predict import TorchDetector
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
     torch_det = TorchDetector.load(exported["best"])
@@ -80,7 +80,7 @@ def test_engine_pads_minimally_and_matches_torch_on_non_square_images(exported: 
     from PIL import Image
 
     from pipeline.evaluate.predict import TorchDetector
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
     torch_det = TorchDetector.load(exported["best"])
@@ -114,7 +114,7 @@ def _copy(exported: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_truncated_model_fails_at_load(exported: dict[str, Path], tmp_path: Path) -> None:
-    from pipeline.infer import ModelLoadError, OnnxDetector
+    from pipeline.infer.engine import ModelLoadError, OnnxDetector
 
     onnx_path, card = _copy(exported, tmp_path)
     onnx_path.write_bytes(onnx_path.read_bytes()[:5000])
@@ -125,7 +125,7 @@ def test_truncated_model_fails_at_load(exported: dict[str, Path], tmp_path: Path
 
 
 def test_card_that_does_not_match_the_graph_fails(exported: dict[str, Path], tmp_path: Path) -> None:
-    from pipeline.infer import ModelLoadError, OnnxDetector
+    from pipeline.infer.engine import ModelLoadError, OnnxDetector
 
     onnx_path, card = _copy(exported, tmp_path)
     doc = json.loads(card.read_text())
@@ -144,7 +144,7 @@ def test_card_that_does_not_match_the_graph_fails(exported: dict[str, Path], tmp
 def test_providers_reported_and_require_gpu(exported: dict[str, Path]) -> None:
     import onnxruntime as ort
 
-    from pipeline.infer import OnnxDetector, ProviderError
+    from pipeline.infer.engine import OnnxDetector, ProviderError
 
     engine = OnnxDetector(exported["onnx"])  # auto: CUDA first when onnxruntime offers it
     if "CUDAExecutionProvider" in engine.providers:
@@ -159,8 +159,8 @@ def test_providers_reported_and_require_gpu(exported: dict[str, Path]) -> None:
 def test_batch_inference_skips_bad_files(exported: dict[str, Path], tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
-    from pipeline.infer import OnnxDetector
     from pipeline.infer.batch import run_batch
+    from pipeline.infer.engine import OnnxDetector
 
     src = tmp_path / "in"
     src.mkdir()
@@ -182,7 +182,7 @@ def test_batch_inference_skips_bad_files(exported: dict[str, Path], tmp_path: Pa
 def test_predict_stream_keeps_order_and_equals_one_call_at_a_time(exported: dict[str, Path], tmp_path: Path) -> None:
     """Several workers, batches of 2, a bad file in the middle: results in input order, errors in place, and every
     good image's detections equal the sequential engine's."""
-    from pipeline.infer import OnnxDetector, plan_workers
+    from pipeline.infer.engine import OnnxDetector, plan_workers
 
     files = sorted((exported["prepared"] / "images" / "test").iterdir())
     bad = tmp_path / "bad.jpg"
@@ -210,8 +210,8 @@ def test_predict_stream_keeps_order_and_equals_one_call_at_a_time(exported: dict
 
 
 def test_coco_split_predictions_score_like_the_evaluator(exported: dict[str, Path], tmp_path: Path) -> None:
-    from pipeline.infer import OnnxDetector
     from pipeline.infer.batch import run_batch
+    from pipeline.infer.engine import OnnxDetector
 
     engine = OnnxDetector(exported["onnx"])
     engine.conf = 0.001

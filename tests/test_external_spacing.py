@@ -20,8 +20,8 @@ from conftest import write_tiny_yolo_onnx
 from pipeline.config import ExternalSetParams, Params, PhantomParams, load_params
 from pipeline.data.imaging import pixel_spacing_of
 from pipeline.data.phantom import generate_phantom
-from pipeline.evaluate import Scorer, load_scorer
 from pipeline.evaluate.external import evaluate_external, spacing_handling
+from pipeline.evaluate.stage import Scorer, load_scorer
 from pipeline.infer.engine import OnnxDetector
 from pipeline.infer.processing import Detections, InputScaling
 

@@ -90,9 +90,9 @@ def test_override_list_and_needed_assets() -> None:
     assert needed_assets(load_params(REPO / "params.yaml", ["data.source=bccd", "train.pretrained=coco"])) == [
         ("bccd", True), ("yolov5n-coco", True)]
     assert needed_assets(load_params(REPO / "params.yaml", ["train.pretrained=auto"])) == [("yolov5n-coco", False)]
-    # unpinned checkpoints (yolo11n) and Faster R-CNN (torchvision's own cache) are left to the train stage
+    # unpinned checkpoints (yolo11n, torchvision's: only a published sha256 prefix) are left to the train stage
     assert needed_assets(load_params(REPO / "params.yaml", ["train.model=yolo11n", "train.pretrained=coco"])) == []
-    assert needed_assets(load_params(REPO / "params.yaml", ["train.family=frcnn"])) == []
+    assert needed_assets(load_params(REPO / "params.yaml", ["train.family=torchvision"])) == []
 
 
 def test_stage_status_from_dvc_output() -> None:

@@ -289,7 +289,7 @@ def test_exif_yolo_labels_are_upright(tmp_path: Path) -> None:
 def test_infer_and_serve_decode_exif_like_prepare(exported: dict[str, Path]) -> None:
     """One file, one set of boxes: a PNG stored sideways with EXIF 6 gives the same detections through
     OnnxDetector and the service's decoder as the same picture stored upright without a tag."""
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
     from pipeline.serve.app import decode_upload
 
     slice_png = next((exported["prepared"] / "images" / "test").glob("*.png"))

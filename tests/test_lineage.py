@@ -44,13 +44,16 @@ def test_closure_holds_the_modules_the_issue_found_missing() -> None:
     """The concrete drift reported: infer decodes with imaging.py, export runs the trainers and evaluator."""
     assert "pipeline/data/imaging.py" in lineage.module_deps("infer")
     export = lineage.module_deps("export")
-    assert {"pipeline/evaluate/__init__.py", "pipeline/evaluate/predict.py", "pipeline/families/yolo/export.py",
-            "pipeline/families/frcnn/export.py"} <= set(export)
-    assert "pipeline/families/frcnn/inference.py" in lineage.module_deps("evaluate")
+    assert {"pipeline/evaluate/stage.py", "pipeline/evaluate/predict.py", "pipeline/families/yolo/export.py",
+            "pipeline/families/torchvision/export.py"} <= set(export)
+    assert "pipeline/families/torchvision/inference.py" in lineage.module_deps("evaluate")
     assert "reports/train/summary.json" in lineage.DATA_INPUTS["export"]
-    for stage in STAGES:  # config turns params into values: every stage that reads them; the CLI file: none
+    for stage in STAGES:  # params turn into values: every stage that reads them; the CLI file: none
         command = COMMAND.get(stage, stage)
-        assert ("pipeline/config.py" in lineage.module_deps(command)) == (stage != "infer")  # infer: the card only
+        deps = lineage.module_deps(command)
+        assert ("pipeline/params.py" in deps) == (stage != "infer")  # infer: the card only
+        # the family registry's checks: the stages that touch a model; phantom and prepare do not
+        assert ("pipeline/config.py" in deps) == (stage not in ("infer", "phantom", "prepare"))
         assert "pipeline/cli.py" not in lineage.module_deps(command)
 
 

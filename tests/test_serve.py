@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 
 @pytest.fixture(scope="module")
 def engine(exported: dict[str, Path]) -> Any:
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     return OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
 

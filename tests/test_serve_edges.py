@@ -28,7 +28,7 @@ BOUNDARY = "stalledboundary"
 
 @pytest.fixture(scope="module")
 def engine(exported: dict[str, Path]) -> Any:
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     return OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
 

@@ -30,7 +30,7 @@ def detflow(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def engine(exported: dict[str, Path]) -> Any:
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     return OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
 
@@ -160,8 +160,7 @@ def test_engine_embeddings_leave_detections_alone(engine: Any, train_images: lis
 
 
 def test_old_model_without_embeddings_keeps_working(sites: dict[str, Path], train_images: list[Path]) -> None:
-    from pipeline.infer import OnnxDetector
-    from pipeline.infer.engine import EmbeddingsUnavailable
+    from pipeline.infer.engine import EmbeddingsUnavailable, OnnxDetector
 
     old = OnnxDetector(sites["old"] / "model.onnx", providers="CPUExecutionProvider")
     assert not old.has_embeddings
@@ -198,7 +197,7 @@ def test_shift_command_same_site_vs_inverted(exported: dict[str, Path], sites: d
     assert docs["inverted"]["p_value"] < 0.01 and docs["inverted"]["shifted"]
     assert docs["inverted"]["statistic"] > docs["same"]["statistic"]
     # the document is mmd_test on the reference and the engine's embeddings of the same files
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     det = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
     files = sorted(sites["inverted"].iterdir())

@@ -33,7 +33,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, small_phantom: Path)
 
 
 def _train(tmp_path: Path, prepared: Path, mirror: Path | None, *overrides: str):
-    from pipeline.train import train_model
+    from pipeline.train.stage import train_model
 
     params = load_params(None, [*TINY, *overrides])
     return train_model(params, prepared, tmp_path / "models", tmp_path / "reports", tmp_path / "work",
@@ -175,7 +175,7 @@ def test_pretrained_coco_strict_and_auto_fallback(tmp_path: Path, tiny_prepared:
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (["train.family=yolo5"], "unknown model family 'yolo5'; expected one of: frcnn, yolo"),
+        (["train.family=yolo5"], "unknown model family 'yolo5'; expected one of: torchvision, yolo"),
         (["train.epochs=-1"], "train.epochs"),
         (["train.device=cuda"], "no CUDA GPU is available"),
         (["train.model=yolov9x"], "expected one of: yolov5n"),
@@ -200,12 +200,12 @@ def test_bad_params_fail_before_any_work(tmp_path: Path, tiny_prepared: Path, ov
 
 
 def test_missing_dataset_fails_clearly(tmp_path: Path) -> None:
-    from pipeline.train import train_model
+    from pipeline.train.stage import train_model
 
     with pytest.raises(DataError, match="run `detflow prepare`"):
         train_model(load_params(None, TINY), tmp_path / "nope", tmp_path / "m", tmp_path / "r", tmp_path / "w")
     with pytest.raises(ConfigError):
-        load_params(None, ["train.family=frcnn", "train.model=yolov5n"])  # not a Faster R-CNN model
+        load_params(None, ["train.family=torchvision", "train.model=yolov5n"])  # not a torchvision model
 
 
 @pytest.mark.slow

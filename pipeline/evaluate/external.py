@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.config import ExternalSetParams, Params
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluate import Scorer, compute_metrics, load_scorer, score_coco
+from pipeline.evaluate.stage import Scorer, compute_metrics, load_scorer, score_coco
 from pipeline.fileio import atomic_write_json
 
 SPLITS = ("train", "val", "test")
@@ -319,3 +319,4 @@ def evaluate_dataset(params: Params, model_path: Path, ext: ExternalSetParams, r
     if not gate["passed"]:
         raise GateFailed(f"external set {ext.name!r} fails the gate:\n" + gate_table(gate, only_failed=True))
     return GeneralisationResult(table, {ext.name: metrics}, gate, time.perf_counter() - start)
+

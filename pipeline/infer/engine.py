@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.contracts.card import CardError, ModelCard, check_threshold, read_card
 from pipeline.contracts.embedding import EMBEDDING_OUTPUT
 from pipeline.errors import DetflowError
-from pipeline.families import FAMILIES, ModelFamily
+from pipeline.families import FAMILIES, FamilySpec, artifact_family
 from pipeline.fileio import sha256_file
 from pipeline.infer.processing import Detections, InputScaling, preprocess
 
@@ -133,8 +133,9 @@ class OnnxDetector:
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
             log.warning("CUDA provider requested but not active; running on %s", ", ".join(self.providers))
         self._check_card_against_graph()
-        self.family: str = self.card["family"]
-        self.model_family: ModelFamily = FAMILIES[self.family]  # torch-free parts only: graph check, postprocess
+        self.model_family: FamilySpec = artifact_family(self.model_card.family)  # type: ignore[assignment]
+        self.family: str = self.model_family.name  # torch-free: graph check, postprocess
+        self.model_name: str = self.model_card.model or ""
         self.classes: list[str] = list(self.model_card.classes)
         self.imgsz: int = self.model_card.input.imgsz
         self.input_name = self.session.get_inputs()[0].name
@@ -171,7 +172,7 @@ class OnnxDetector:
             doc, card = read_card(self.card_path)
         except CardError as e:
             raise ModelLoadError(str(e)) from None
-        if card.family not in FAMILIES:
+        if artifact_family(card.family) is None:
             raise ModelLoadError(f"model card {self.card_path} is malformed (family {card.family!r} is not one of: "
                                  f"{', '.join(sorted(FAMILIES))}); re-export the model")
         self.model_card: ModelCard = card
@@ -189,7 +190,8 @@ class OnnxDetector:
             if isinstance(shape[axis], int) and shape[axis] != int(card_in["imgsz"]):
                 problems.append(f"graph input size {shape[2:]} differs from the card's imgsz {card_in['imgsz']}")
                 break
-        problems += FAMILIES[self.card["family"]].check_graph(inputs, outputs, self.card)
+        problems += artifact_family(self.model_card.family).check_graph(  # type: ignore[union-attr]
+            inputs, outputs, self.card)
         if problems:
             raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: "
                                  + "; ".join(problems))
@@ -271,13 +273,14 @@ class OnnxDetector:
         n_det = len(self.output_names)
         if family.dynamic_batch:
             outs = self.run(batch, embeddings)
-            dets = family.postprocess(outs[:n_det], metas, conf=conf, iou=iou, max_det=max_det)
+            dets = family.postprocess(outs[:n_det], metas, conf=conf, iou=iou, max_det=max_det, model=self.model_name)
             return dets, (np.asarray(outs[n_det], np.float32) if embeddings else None)
         out: list[Detections] = []
         pooled: list[np.ndarray] = []
         for i, meta in enumerate(metas):  # a graph exported for one image at a time
             outs = self.run(batch[i:i + 1], embeddings)
-            out += family.postprocess(outs[:n_det], [meta], conf=conf, iou=iou, max_det=max_det)
+            out += family.postprocess(outs[:n_det], [meta], conf=conf, iou=iou, max_det=max_det,
+                                      model=self.model_name)
             if embeddings:
                 pooled.append(np.asarray(outs[n_det], np.float32).reshape(1, -1))
         return out, (np.concatenate(pooled) if embeddings else None)

@@ -1,4 +1,4 @@
-"""Faster R-CNN initial weights: torchvision's COCO_V1 checkpoints as named assets (pipeline/assets.py: the same
+"""torchvision initial weights: torchvision's COCO_V1 checkpoints as named assets (pipeline/assets.py: the same
 resolver, mirror and checks as YOLO's), or a user file. Both are read with torch's safe loader, which cannot run
 code: a state dict, or a dict with a ``model`` state dict."""
 
@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pipeline.contracts.results import PretrainedSource
 from pipeline.errors import AssetError
-from pipeline.families.frcnn import FrcnnFamily
+from pipeline.families.torchvision import TORCHVISION
 from pipeline.fileio import sha256_file
-from pipeline.train.common import PretrainedSource, resolve_initial_weights
+from pipeline.train.pretrained import resolve_initial_weights
 
 if TYPE_CHECKING:
     from pipeline.config import TrainParams
@@ -38,9 +39,9 @@ def _state_from_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def resolve_frcnn_pretrained(tp: TrainParams, raw_dir: Path = Path("data/raw"), mirrors: Sequence[Path] | None = None,
-                             trust: bool = False,
-                             progress: bool = False) -> tuple[PretrainedSource, dict[str, torch.Tensor] | None]:
+def resolve_torchvision_pretrained(tp: TrainParams, raw_dir: Path = Path("data/raw"),
+                                   mirrors: Sequence[Path] | None = None, trust: bool = False, progress: bool = False
+                                   ) -> tuple[PretrainedSource, dict[str, torch.Tensor] | None]:
     """Initial weights per ``train.pretrained``.
 
     ``none``: scratch. ``coco``/``auto``: the model's COCO asset through :func:`pipeline.assets.resolve` (raw folder,
@@ -53,7 +54,7 @@ def resolve_frcnn_pretrained(tp: TrainParams, raw_dir: Path = Path("data/raw"), 
                              f"the file's is {sha}. Fetch the right file or fix the pinned checksum.")
         return _state_from_file(path)
 
-    return resolve_initial_weights(tp, FrcnnFamily.coco_assets, load, raw_dir, mirrors, trust, progress)
+    return resolve_initial_weights(tp, TORCHVISION.coco_assets, load, raw_dir, mirrors, trust, progress)
 
 
 def transferable_params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -1,5 +1,7 @@
-"""ONNX export of a Faster R-CNN: torch.onnx (TorchScript exporter) at a fixed 1x3xSxS input; letterboxing happens
-outside the graph, NMS inside it. A fourth output, ``embedding``, pools the backbone's FPN maps for shift detection."""
+"""ONNX export of a torchvision detector: torch.onnx (TorchScript exporter) at a fixed 1x3xSxS input; letterboxing
+happens outside the graph, NMS inside it (the row's ``nms: graph``) or after it in ``postprocess.py`` (``nms:
+detflow``: the model's NMS is switched off for the export). A fourth output, ``embedding``, pools the backbone's
+feature maps for shift detection."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ from typing import Any
 
 import torch
 
-from pipeline.families.base import EMBEDDING_OUTPUT, ExportSettings, tag_embedding
+from pipeline.contracts.embedding import EMBEDDING_OUTPUT
+from pipeline.families.onnx import tag_embedding
+from pipeline.families.spec import ExportSettings
 
-EMBEDDING_MEANING = ("global average pool of each FPN level the backbone hands to the RPN and ROI heads (in the "
-                     "backbone's level order, 'pool' last), concatenated; computed on the network's own resized, "
-                     "normalised input")
+EMBEDDING_MEANING = ("global average pool of each feature map the backbone hands to the heads (in the backbone's "
+                     "level order; Faster R-CNN: the FPN levels, 'pool' last), concatenated; computed on the network's "
+                     "own resized, normalised input")
 
 
 def pooled_fpn(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """(N, sum of channels): the spatial mean of every FPN level, in the backbone's order."""
+    """(N, sum of channels): the spatial mean of every feature map, in the backbone's order."""
     return torch.cat([f.float().mean(dim=(2, 3)) for f in features.values()], dim=1)
 
 
@@ -46,7 +50,7 @@ def torch_embeddings(model: torch.nn.Module, images: torch.Tensor) -> torch.Tens
         return torch.cat([wrapper(images[i:i + 1])[3] for i in range(len(images))])
 
 
-def export_frcnn(model: torch.nn.Module, work: Path, imgsz: int, settings: ExportSettings) -> Path:
+def export_torchvision(model: torch.nn.Module, work: Path, imgsz: int, settings: ExportSettings) -> Path:
     import onnx
 
     out = work / "model.onnx"

@@ -1,7 +1,7 @@
-"""Faster R-CNN training checkpoints: what a resumed run needs to continue exactly, written atomically.
+"""torchvision training checkpoints: what a resumed run needs to continue exactly, written atomically.
 
 A checkpoint is one dict loadable with ``torch.load(weights_only=True)`` (no pickled classes) and carries the detflow
-header (:class:`~pipeline.families.base.CheckpointMeta`) that inference reads (see ``inference.py``).
+header (:class:`~pipeline.contracts.checkpoint.CheckpointMeta`) that inference reads (see ``inference.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pipeline.families.base import HEADER_KEY, CheckpointMeta
-from pipeline.families.frcnn import FrcnnFamily
+from pipeline.contracts.checkpoint import HEADER_KEY, CheckpointMeta
+from pipeline.families.torchvision import TORCHVISION
 from pipeline.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from pipeline.config import Params
-    from pipeline.train.common import PretrainedSource
+    from pipeline.contracts.results import PretrainedSource
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, s
                     epoch: int, st: RunState, params: Params, fingerprint: str, classes: list[str],
                     pretrained: PretrainedSource, finished: bool) -> dict[str, Any]:
     return {
-        HEADER_KEY: CheckpointMeta(family=FrcnnFamily.name, model=params.train.model, classes=list(classes),
+        HEADER_KEY: CheckpointMeta(family=TORCHVISION.name, model=params.train.model, classes=list(classes),
                                    imgsz=params.train.imgsz).to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -89,7 +89,7 @@ def load_resumable(last: Path, fingerprint: str, epochs: int) -> dict[str, Any] 
         log.warning("ignoring unreadable checkpoint %s (%s); training starts from epoch 0", last, e)
         return None
     header = ckpt.get(HEADER_KEY) if isinstance(ckpt, dict) else None
-    if not isinstance(header, dict) or header.get("family") != FrcnnFamily.name \
+    if not isinstance(header, dict) or header.get("family") != TORCHVISION.name \
             or ckpt.get("fingerprint") != fingerprint:
         log.warning("ignoring checkpoint %s: not from this run configuration", last)
         return None

@@ -1,4 +1,4 @@
-"""Faster R-CNN training data: a prepared COCO split as a torch Dataset, the train/val transforms, the loader."""
+"""torchvision training data: a prepared COCO split as a torch Dataset, the train/val transforms, the loader."""
 
 from __future__ import annotations
 
@@ -85,11 +85,30 @@ class Photometric:
         return tv_tensors.wrap(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), like=image), target
 
 
-def build_transforms(tp: TrainParams, train: bool) -> Callable[..., Any]:
-    """Train: resize to ``imgsz`` (what the model would do anyway, done first so the rest is cheap), stain / window /
-    gamma jitter (before the affine's grey fill, as for YOLO), flips, scale/translate jitter, colour jitter; boxes
-    are clamped and degenerate ones dropped. Val: none (the model resizes and maps detections back to original
-    coordinates). ``augment.mosaic`` does not apply to Faster R-CNN.
+class PadToSquare:
+    """``(image, target)`` centred on a ``size`` x ``size`` canvas of grey 114, boxes moved with it: the letterbox
+    inference applies (``pipeline/infer/processing.py``), for models whose input is a fixed square (the table's
+    ``size: fixed``) that would otherwise stretch a non-square image to it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Any, target: Any) -> tuple[Any, Any]:
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        dw, dh = max(self.size - w, 0), max(self.size - h, 0)
+        padding = [dw // 2, dh // 2, dw - dw // 2, dh - dh // 2]  # left, top, right, bottom
+        if not any(padding):
+            return image, target
+        return F.pad(image, padding, fill=114), {**target, "boxes": F.pad(target["boxes"], padding)}
+
+
+def build_transforms(tp: TrainParams, train: bool, square: bool = False) -> Callable[..., Any]:
+    """Train: resize to ``imgsz`` (what the model would do anyway, done first so the rest is cheap), padded to a
+    square when ``square`` (a fixed-size row), stain / window / gamma jitter (before the affine's grey fill, as for
+    YOLO), flips, scale/translate jitter, colour jitter; boxes are clamped and degenerate ones dropped. Val: none
+    (the model resizes and maps detections back to original coordinates). ``augment.mosaic`` does not apply.
     """
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -98,6 +117,8 @@ def build_transforms(tp: TrainParams, train: bool) -> Callable[..., Any]:
     if train:
         aug = tp.augment
         ops.append(v2.Resize(size=None, max_size=tp.imgsz, antialias=True))
+        if square:
+            ops.append(PadToSquare(tp.imgsz))
         jitter = PhotometricJitter.from_params(aug)
         if jitter.active:
             ops.append(Photometric(jitter))

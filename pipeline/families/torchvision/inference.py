@@ -1,5 +1,5 @@
-"""Load a Faster R-CNN checkpoint for inference: rebuild the model from the header, load the weights. Needs no
-training code and no pickled classes."""
+"""Load a torchvision checkpoint for inference: rebuild the model of the header's table row, load the weights. Needs
+no training code and no pickled classes."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.contracts.checkpoint import CheckpointMeta
 from pipeline.errors import DetflowError
-from pipeline.families.base import CheckpointMeta
-from pipeline.families.frcnn.model import build_frcnn
+from pipeline.families.torchvision.build import build_model, set_score_threshold
 
-#: torchvision's default is 0.05; evaluators need the low-confidence detections too (mAP), as in validation.
+#: torchvision's defaults are 0.05 (Faster R-CNN, RetinaNet); evaluators need the low-confidence detections too
+#: (mAP), as in validation.
 SCORE_THRESH = 0.001
 
 
 @dataclass
-class LoadedFrcnn:
+class LoadedTorchvision:
     model: nn.Module
     stride: int = 0  # fixed square input
     device: str = "cpu"
@@ -37,24 +38,24 @@ def load_model(ckpt: Any, meta: CheckpointMeta, device: str | torch.device = "cp
                score_thresh: float = SCORE_THRESH) -> nn.Module:
     """The eval-mode model of a loaded checkpoint dict (``ckpt["model"]`` is its state dict)."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise DetflowError("a Faster R-CNN checkpoint holds its weights under 'model' (a state dict)")
-    model = build_frcnn(meta.model, len(meta.classes) + 1, meta.imgsz)
+        raise DetflowError("a torchvision checkpoint holds its weights under 'model' (a state dict)")
+    model = build_model(meta.model, len(meta.classes) + 1, meta.imgsz)
     model.load_state_dict(ckpt["model"])
-    model.roi_heads.score_thresh = score_thresh  # type: ignore[union-attr]
+    set_score_threshold(model, meta.model, score_thresh)
     return model.to(device).eval()
 
 
-def load_frcnn(ckpt: Any, meta: CheckpointMeta, path: Path, device: str = "cpu") -> LoadedFrcnn:
+def load_torchvision(ckpt: Any, meta: CheckpointMeta, path: Path, device: str = "cpu") -> LoadedTorchvision:
     try:
-        return LoadedFrcnn(load_model(ckpt, meta, device), 0, device)
+        return LoadedTorchvision(load_model(ckpt, meta, device), 0, device)
     except (DetflowError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise DetflowError(f"model checkpoint {path} is a damaged detflow Faster R-CNN checkpoint "
+        raise DetflowError(f"model checkpoint {path} is a damaged detflow torchvision checkpoint "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_frcnn_checkpoint(path: str | os.PathLike[str],
-                          device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
-    """Model (eval mode) and header of a saved frcnn checkpoint, read with torch's safe loader."""
+def load_checkpoint(path: str | os.PathLike[str],
+                    device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """Model (eval mode) and header of a saved torchvision checkpoint, read with torch's safe loader."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     meta = CheckpointMeta.read(ckpt, path)

@@ -1,5 +1,5 @@
-"""``detflow train`` for the frcnn family: wires model, data, loop and checkpoints together, epoch by epoch, and
-publishes the run. Resumable: an interrupted run with the same fingerprint continues from its last.pt exactly
+"""``detflow train`` for the torchvision family: wires the row's model, data, loop and checkpoints together, epoch by
+epoch, and publishes the run. Resumable: an interrupted run with the same fingerprint continues from its last.pt exactly
 (per-epoch seeds, restored optimizer and schedule)."""
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.contracts.results import PretrainedSource, TrainResult
 from pipeline.errors import ConfigError, DataError
-from pipeline.families.frcnn import FrcnnFamily
-from pipeline.families.frcnn.checkpoint import RunState, load_resumable, make_checkpoint, save_atomic
-from pipeline.families.frcnn.data import CocoDetection, build_transforms, make_loader
-from pipeline.families.frcnn.loop import (
-    LOSS_KEYS,
+from pipeline.families.torchvision import TORCHVISION
+from pipeline.families.torchvision.build import build_model, layer_groups
+from pipeline.families.torchvision.checkpoint import RunState, load_resumable, make_checkpoint, save_atomic
+from pipeline.families.torchvision.data import CocoDetection, build_transforms, make_loader
+from pipeline.families.torchvision.loop import (
     apply_freeze,
     build_optimizer,
     build_scheduler,
@@ -33,10 +34,13 @@ from pipeline.families.frcnn.loop import (
     set_train_mode,
     train_one_epoch,
 )
-from pipeline.families.frcnn.model import build_frcnn
-from pipeline.families.frcnn.pretrained import resolve_frcnn_pretrained, transferable_params
+from pipeline.families.torchvision.models import model_row
+from pipeline.families.torchvision.pretrained import resolve_torchvision_pretrained, transferable_params
 from pipeline.fileio import atomic_write_json, atomic_write_text
-from pipeline.train import common
+from pipeline.train.devices import cpu_threads, resolve_device
+from pipeline.train.publish import publish_run
+from pipeline.train.runs import check_prepared, run_fingerprint
+from pipeline.train.strategies import frozen_groups_at, validate_schedule
 from pipeline.train.weights_import import transfer_state_dict
 
 if TYPE_CHECKING:
@@ -104,7 +108,7 @@ def _device(resolved: str) -> torch.device:
         return torch.device("cpu")
     ids = resolved.split(",")
     if len(ids) > 1:
-        log.warning("the frcnn family trains on one GPU; using cuda:%s of %s", ids[0], resolved)
+        log.warning("the torchvision family trains on one GPU; using cuda:%s of %s", ids[0], resolved)
     return torch.device(f"cuda:{ids[0]}")
 
 
@@ -127,29 +131,31 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
-                raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None, trust: bool = False,
-                progress: bool = True, on_epoch_end: Callable[[EpochEnd], None] | None = None) -> common.TrainResult:
-    """Fine-tune a torchvision Faster R-CNN on the prepared dataset; write best/last weights and reports.
+def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
+                      raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None, trust: bool = False,
+                      progress: bool = True, on_epoch_end: Callable[[EpochEnd], None] | None = None) -> TrainResult:
+    """Fine-tune the torchvision model of ``train.model`` on the prepared dataset; write best/last weights and
+    reports.
 
-    ``trust`` admits COCO weights without a pinned checksum (see :func:`resolve_frcnn_pretrained`).
+    ``trust`` admits COCO weights without a pinned checksum (see :func:`resolve_torchvision_pretrained`).
     ``on_epoch_end`` is called after each epoch's checkpoint is written (tests, tooling).
     """
     tp = params.train
-    if tp.family != FrcnnFamily.name:
-        raise ConfigError(f"train_frcnn got train.family={tp.family!r}")
-    common.validate_schedule(tp)
-    device = _device(common.resolve_device(tp.device))
-    info = common.check_prepared(prepared)
+    if tp.family != TORCHVISION.name:
+        raise ConfigError(f"train_torchvision got train.family={tp.family!r}")
+    arch, groups_of = model_row(tp.model), layer_groups(tp.model)
+    validate_schedule(tp)
+    device = _device(resolve_device(tp.device))
+    info = check_prepared(prepared)
     train_doc = json.loads((prepared / "coco" / "train.json").read_text())
     val_doc = json.loads((prepared / "coco" / "val.json").read_text())
     classes = _classes(prepared, info, train_doc)
 
-    pretrained, state = resolve_frcnn_pretrained(tp, raw_dir, mirrors, trust, progress)
+    pretrained, state = resolve_torchvision_pretrained(tp, raw_dir, mirrors, trust, progress)
     if pretrained.note:
         log.warning(pretrained.note)
-    fingerprint = common.run_fingerprint(tp, info["manifest_sha256"], pretrained.sha256)
-    run_dir = (workdir / f"frcnn-{fingerprint}").resolve()
+    fingerprint = run_fingerprint(tp, info["manifest_sha256"], pretrained.sha256)
+    run_dir = (workdir / f"{TORCHVISION.name}-{fingerprint}").resolve()
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     ckpt = load_resumable(last, fingerprint, tp.epochs) if tp.resume == "auto" else None
     if ckpt is None and run_dir.exists():
@@ -157,7 +163,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     run_dir.mkdir(parents=True, exist_ok=True)
 
     _seed_all(tp.seed)
-    model = build_frcnn(tp.model, len(classes) + 1, tp.imgsz)
+    model = build_model(tp.model, len(classes) + 1, tp.imgsz)
     st = RunState()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -172,9 +178,10 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     use_cuda = device.type == "cuda"
     workers = tp.workers if use_cuda else 0
     if not use_cuda:
-        torch.set_num_threads(common.cpu_threads(tp.cpu_threads))
+        torch.set_num_threads(cpu_threads(tp.cpu_threads))
     gen = torch.Generator()
-    train_ds = CocoDetection(prepared, prepared / "coco" / "train.json", build_transforms(tp, train=True))
+    train_ds = CocoDetection(prepared, prepared / "coco" / "train.json",
+                             build_transforms(tp, train=True, square=arch.size == "fixed"))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))
     train_loader = make_loader(train_ds, tp, True, workers, use_cuda, gen)
     val_loader = make_loader(val_ds, tp, False, workers, use_cuda, None)
@@ -190,7 +197,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
-        log.warning("resuming interrupted frcnn training from %s from epoch %d (epochs 0..%d done)",
+        log.warning("resuming interrupted torchvision training from %s from epoch %d (epochs 0..%d done)",
                     last, start_epoch, start_epoch - 1)
         _truncate_live(live_dir, start_epoch)
         _write_results_csv(run_dir / "results.csv", st.history)
@@ -205,13 +212,13 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
         for epoch in range(start_epoch, tp.epochs):
             _seed_all(tp.seed + 1 + epoch)  # per-epoch streams: a resumed run draws what an uninterrupted one would
             gen.manual_seed(tp.seed + 1 + epoch)
-            groups = common.frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
-            apply_freeze(model, groups)
-            set_train_mode(model, groups)
+            groups = frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
+            apply_freeze(model, groups_of, groups)
+            set_train_mode(model, groups_of, groups)
             st.frozen_by_epoch[epoch] = list(groups)
             losses = train_one_epoch(model, optimizer, train_loader, device, scheduler, scaler,
-                                     f"epoch {epoch + 1}/{tp.epochs}", progress)
-            map50, map5095 = evaluate_coco(model, val_loader, val_doc, device, progress) if has_val \
+                                     f"epoch {epoch + 1}/{tp.epochs}", progress, arch.loss_keys)
+            map50, map5095 = evaluate_coco(model, tp.model, val_loader, val_doc, device, progress) if has_val \
                 else (float("nan"), float("nan"))
             fit = fitness(map50, map5095)
             improved = has_val and fit > st.best_fitness
@@ -220,7 +227,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
             else:
                 st.epochs_no_improve += 1
             row: dict[str, float] = {"epoch": epoch + 1, "train/loss": losses["loss"],
-                                     **{f"train/{k}": losses[k] for k in LOSS_KEYS},
+                                     **{f"train/{k}": losses[k] for k in arch.loss_keys},
                                      MAP50_COL: map50, MAP_COL: map5095, "fitness": fit}
             for g in optimizer.param_groups:
                 row["lr" if g.get("name") == "new" else f"lr_{g.get('name')}"] = float(g["lr"])
@@ -248,19 +255,19 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
                 break
     finally:
         live.end()
-    group_params = group_param_counts(model)
+    group_params = group_param_counts(model, groups_of)
     return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params)
 
 
-def _finish(params: Params, pretrained: common.PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
-            start_epoch: int, st: RunState, group_params: dict[str, int]) -> common.TrainResult:
-    """Publish the run through the shared ``common.publish_run`` (as the yolo family does), with frcnn's notes."""
+def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
+            start_epoch: int, st: RunState, group_params: dict[str, int]) -> TrainResult:
+    """Publish the run through the shared ``publish_run`` (as the yolo family does), with this family's notes."""
     last = run_dir / "last.pt"
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else last
-    notes = ["train.nominal_batch is ignored by the frcnn family (no gradient accumulation)"]
+    notes = ["train.nominal_batch is ignored by the torchvision family (no gradient accumulation)"]
     if params.train.augment.mosaic:
-        notes.insert(0, "augment.mosaic is ignored by the frcnn family (no mosaic augmentation for Faster R-CNN)")
-    return common.publish_run(family=FrcnnFamily.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
+        notes.insert(0, "augment.mosaic is ignored by the torchvision family (no mosaic augmentation)")
+    return publish_run(family=TORCHVISION.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=last, out_dir=out_dir, reports_dir=reports_dir, transfer_report=st.transfer_report,
                        frozen_by_epoch=st.frozen_by_epoch, group_params=group_params,
                        resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes)

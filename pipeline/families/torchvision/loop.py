@@ -1,5 +1,8 @@
-"""The Faster R-CNN training loop, in the style of the torchvision detection references: freezing by group,
-optimizer, schedule, one epoch of training, COCO validation (pycocotools) and the fitness that picks best.pt."""
+"""The torchvision training loop, in the style of the torchvision detection references: freezing by group,
+optimizer, schedule, one epoch of training, COCO validation (pycocotools) and the fitness that picks best.pt.
+
+What differs between models (layer groups, loss keys, where the score threshold lives) comes from the model's row
+in ``models.py``; the loop itself is the same for every row."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import DetflowError
-from pipeline.families.frcnn.model import FRCNN_GROUPS
-from pipeline.train.common import names_in_groups
+from pipeline.families.torchvision.build import set_score_threshold
+from pipeline.train.strategies import names_in_groups
 
 if TYPE_CHECKING:
     from pipeline.config import TrainParams
@@ -26,35 +29,34 @@ WARMUP_MAX_ITERS = 1000  # at most one epoch, at most this many iterations
 FINAL_LR_FACTOR = 0.01  # cosine schedule ends at lr * this
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4  # torchvision detection references
-LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
 class TrainingDivergedError(DetflowError):
     """The loss became NaN/inf: continuing would only write garbage checkpoints."""
 
 
-def group_param_counts(model: nn.Module) -> dict[str, int]:
+def group_param_counts(model: nn.Module, prefixes: dict[str, list[str]]) -> dict[str, int]:
     named = dict(model.named_parameters())
-    return {g: sum(named[n].numel() for n in names_in_groups(named, FRCNN_GROUPS, [g])) for g in FRCNN_GROUPS}
+    return {g: sum(named[n].numel() for n in names_in_groups(named, prefixes, [g])) for g in prefixes}
 
 
-def apply_freeze(model: nn.Module, groups: Sequence[str]) -> list[str]:
+def apply_freeze(model: nn.Module, prefixes: dict[str, list[str]], groups: Sequence[str]) -> list[str]:
     """``requires_grad`` False exactly for parameters of the frozen ``groups``; returns their names."""
-    frozen = set(names_in_groups([n for n, _ in model.named_parameters()], FRCNN_GROUPS, groups))
+    frozen = set(names_in_groups([n for n, _ in model.named_parameters()], prefixes, groups))
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     return sorted(frozen)
 
 
-def set_train_mode(model: nn.Module, frozen_groups: Sequence[str]) -> None:
+def set_train_mode(model: nn.Module, prefixes: dict[str, list[str]], frozen_groups: Sequence[str]) -> None:
     """``model.train()``, except BatchNorm inside frozen groups stays in eval mode: its running statistics
     are pretrained parameters too and must not drift while the group is frozen."""
     model.train()
-    prefixes = tuple(p for g in frozen_groups for p in FRCNN_GROUPS[g])
-    if not prefixes:
+    frozen = tuple(p for g in frozen_groups for p in prefixes[g])
+    if not frozen:
         return
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (name + ".").startswith(prefixes):
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (name + ".").startswith(frozen):
             mod.eval()
 
 
@@ -96,11 +98,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, iters_per_epoch: int,
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
                     device: torch.device, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    scaler: torch.amp.GradScaler | None, desc: str, progress: bool) -> dict[str, float]:
-    """One pass over ``loader``; the caller has set train mode and requires_grad. Returns mean losses."""
+                    scaler: torch.amp.GradScaler | None, desc: str, progress: bool,
+                    loss_keys: Sequence[str]) -> dict[str, float]:
+    """One pass over ``loader``; the caller has set train mode and requires_grad. Returns mean losses (the total
+    and each of ``loss_keys``, the row's)."""
     from tqdm import tqdm
 
-    sums = dict.fromkeys(("loss", *LOSS_KEYS), 0.0)
+    sums = dict.fromkeys(("loss", *loss_keys), 0.0)
     n = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -127,7 +131,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
         scheduler.step()
         n += 1
         sums["loss"] += float(loss.item())
-        for k in LOSS_KEYS:
+        for k in loss_keys:
             if k in losses:
                 sums[k] += float(losses[k].item())
         bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -135,17 +139,15 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
 
 
 @contextlib.contextmanager
-def _score_threshold(model: nn.Module, thr: float) -> Any:
-    roi = model.roi_heads  # type: ignore[union-attr]
-    old = roi.score_thresh
-    roi.score_thresh = thr
+def _score_threshold(model: nn.Module, model_name: str, thr: float) -> Any:
+    old = set_score_threshold(model, model_name, thr)
     try:
         yield
     finally:
-        roi.score_thresh = old
+        set_score_threshold(model, model_name, old)
 
 
-def evaluate_coco(model: nn.Module, loader: torch.utils.data.DataLoader, coco_doc: dict[str, Any],
+def evaluate_coco(model: nn.Module, model_name: str, loader: torch.utils.data.DataLoader, coco_doc: dict[str, Any],
                   device: torch.device, progress: bool = False) -> tuple[float, float]:
     """(mAP50, mAP50-95) of ``model`` on a COCO split, by pycocotools; 0 where nothing can be matched."""
     from pycocotools.coco import COCO
@@ -154,7 +156,7 @@ def evaluate_coco(model: nn.Module, loader: torch.utils.data.DataLoader, coco_do
 
     model.eval()
     results: list[dict[str, Any]] = []
-    with torch.inference_mode(), _score_threshold(model, 0.001):
+    with torch.inference_mode(), _score_threshold(model, model_name, 0.001):
         for images, targets in tqdm(loader, desc="val", disable=not progress, leave=False, dynamic_ncols=True):
             outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets, strict=True):

@@ -1,4 +1,5 @@
-"""Faster R-CNN family: tiny real training runs on CPU (64 px images, the 320 MobileNet model, 1-3 epochs)."""
+"""torchvision family, Faster R-CNN row: tiny real training runs on CPU (64 px images, the 320 MobileNet model,
+1-3 epochs)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from pipeline import assets
 from pipeline.config import AugmentParams, Params, TrainParams
 from pipeline.errors import AssetError
 from pipeline.evaluate.predict import TorchDetector
-from pipeline.families.frcnn import train as frcnn_train
-from pipeline.families.frcnn.inference import load_frcnn_checkpoint
-from pipeline.families.frcnn.model import build_frcnn
-from pipeline.families.frcnn.pretrained import resolve_frcnn_pretrained
-from pipeline.families.frcnn.train import EpochEnd, train_frcnn
+from pipeline.families.torchvision import train as torchvision_train
+from pipeline.families.torchvision.build import build_model
+from pipeline.families.torchvision.inference import load_checkpoint
+from pipeline.families.torchvision.pretrained import resolve_torchvision_pretrained
+from pipeline.families.torchvision.train import EpochEnd, train_torchvision
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 IMGSZ = 64
@@ -81,7 +82,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _params(**train: Any) -> Params:
-    base: dict[str, Any] = dict(family="frcnn", model=MODEL, pretrained="none", imgsz=IMGSZ, batch=2, epochs=1,
+    base: dict[str, Any] = dict(family="torchvision", model=MODEL, pretrained="none", imgsz=IMGSZ, batch=2, epochs=1,
                                 device="cpu", workers=0, lr=0.01, seed=0,
                                 augment=AugmentParams(fliplr=0.5, flipud=0.0, hsv=True, scale=0.3, mosaic=True))
     base.update(train)
@@ -89,7 +90,7 @@ def _params(**train: Any) -> Params:
 
 
 def _run(tmp: Path, prepared: Path, params: Params, **kw: Any) -> Any:
-    return train_frcnn(params, prepared, tmp / "models", tmp / "reports", tmp / "work", raw_dir=tmp / "raw",
+    return train_torchvision(params, prepared, tmp / "models", tmp / "reports", tmp / "work", raw_dir=tmp / "raw",
                        mirrors=[], progress=False, **kw)
 
 
@@ -97,7 +98,7 @@ def _run(tmp: Path, prepared: Path, params: Params, **kw: Any) -> Any:
 def pretrained_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state dict of another model: 2 classes (so the box predictor mismatches), non-trivial BN statistics."""
     torch.manual_seed(123)
-    model = build_frcnn(MODEL, 3, IMGSZ)
+    model = build_model(MODEL, 3, IMGSZ)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -123,7 +124,7 @@ def _blocked_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_run_writes_outputs_and_checkpoint_predicts(tmp_path: Path, prepared: Path) -> None:
     res = _run(tmp_path, prepared, _params(epochs=2))
-    assert res.family == "frcnn" and res.model == MODEL and res.epochs_run == 2 and not res.resumed
+    assert res.family == "torchvision" and res.model == MODEL and res.epochs_run == 2 and not res.resumed
     for f in ("best.pt", "last.pt", "params.yaml"):
         assert (tmp_path / "models" / f).is_file()
     rep = tmp_path / "reports"
@@ -135,7 +136,7 @@ def test_run_writes_outputs_and_checkpoint_predicts(tmp_path: Path, prepared: Pa
     assert (rep / "figures" / "training_curves.png").is_file()
     assert json.loads((rep / "metrics.json").read_text())["epochs"] == 2
     summary = json.loads((rep / "summary.json").read_text())
-    assert summary["family"] == "frcnn" and summary["epochs_run"] == 2
+    assert summary["family"] == "torchvision" and summary["epochs_run"] == 2
     assert {"val_map50", "val_map50_95", "best_val_map50"} <= set(summary["metrics"])
     rows = list(csv.DictReader(open(rep / "results.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -146,9 +147,10 @@ def test_run_writes_outputs_and_checkpoint_predicts(tmp_path: Path, prepared: Pa
         lines = (metrics_dir / name).read_text().splitlines()
         assert len(lines) == 3, name  # header + one row per epoch
 
-    model, meta = load_frcnn_checkpoint(tmp_path / "models" / "best.pt")
+    model, meta = load_checkpoint(tmp_path / "models" / "best.pt")
     assert meta.classes == ["nodule"] and meta.model == MODEL and meta.imgsz == IMGSZ
-    assert meta.family == "frcnn" and torch.load(tmp_path / "models" / "best.pt", weights_only=True)["fingerprint"]
+    assert meta.family == "torchvision"
+    assert torch.load(tmp_path / "models" / "best.pt", weights_only=True)["fingerprint"]
     img = np.asarray(Image.open(prepared / "images" / "val" / "val_2.png").convert("RGB"))
     (det,) = TorchDetector.load(tmp_path / "models" / "best.pt").predict([img], conf=0.0)  # the inference path
     assert det.boxes.shape[1:] == (4,) and len(det.scores) == len(det.labels) == len(det.boxes)
@@ -209,7 +211,7 @@ def test_backbone_lr_mult_sets_group_ratio(tmp_path: Path, prepared: Path, pretr
     assert set(groups) == {"new", "pretrained"}
     assert groups["pretrained"]["initial_lr"] == pytest.approx(0.1 * groups["new"]["initial_lr"])
     assert groups["pretrained"]["lr"] == pytest.approx(0.1 * groups["new"]["lr"])
-    model = build_frcnn(MODEL, 2, IMGSZ)
+    model = build_model(MODEL, 2, IMGSZ)
     names = [n for n, _ in model.named_parameters()]
     # the mismatched box predictor is the only new part; everything else came from the file
     assert len(groups["new"]["params"]) == sum(n.startswith("roi_heads.box_predictor.") for n in names)
@@ -234,7 +236,7 @@ def test_resume_continues_after_interruption(tmp_path: Path, prepared: Path, cap
         _run(tmp_path / "a", prepared, params, on_epoch_end=crash_after_epoch_1)
     assert not (tmp_path / "a" / "models").exists()
     epochs: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="pipeline.families.frcnn"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.families.torchvision"):
         res = _run(tmp_path / "a", prepared, params, on_epoch_end=lambda e: epochs.append(e.epoch))
     assert epochs == [2]
     assert res.resumed and res.start_epoch == 2 and res.epochs_run == 3
@@ -267,9 +269,9 @@ def test_unreadable_last_checkpoint_starts_fresh(tmp_path: Path, prepared: Path,
 
     with pytest.raises(_Interrupt):
         _run(tmp_path, prepared, params, on_epoch_end=crash)
-    (last,) = (tmp_path / "work").glob("frcnn-*/last.pt")
+    (last,) = (tmp_path / "work").glob("torchvision-*/last.pt")
     last.write_bytes(b"torn checkpoint")
-    with caplog.at_level(logging.WARNING, logger="pipeline.families.frcnn"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.families.torchvision"):
         res = _run(tmp_path, prepared, params)
     assert not res.resumed and res.start_epoch == 0 and res.epochs_run == 2
     assert any("unreadable checkpoint" in r.getMessage() for r in caplog.records)
@@ -289,7 +291,7 @@ def test_resume_never_starts_fresh(tmp_path: Path, prepared: Path) -> None:
 
 
 def test_early_stopping(tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frcnn_train, "evaluate_coco", lambda *a, **k: (0.0, 0.0))  # never improves after epoch 0
+    monkeypatch.setattr(torchvision_train, "evaluate_coco", lambda *a, **k: (0.0, 0.0))  # never improves after epoch 0
     res = _run(tmp_path, prepared, _params(epochs=5, patience=1))
     assert res.epochs_run == 2
     ckpt = torch.load(res.last, weights_only=True)
@@ -304,7 +306,7 @@ def test_coco_offline_without_mirror_fails_fast(tmp_path: Path, prepared: Path,
                        match="(?s)pretrained is 'coco'.*fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"):
         _run(tmp_path, prepared, _params(pretrained="coco"))
     assert time.monotonic() - t0 < 15
-    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").glob("frcnn-*"))
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").glob("torchvision-*"))
 
 
 def test_auto_offline_falls_back_to_scratch_loudly(tmp_path: Path, prepared: Path,
@@ -334,10 +336,10 @@ def test_coco_mirror_file_is_verified_by_name_prefix(tmp_path: Path, pretrained_
 
     (mirror / "weights" / name).write_bytes(b"not the checkpoint")
     with pytest.raises(AssetError, match="checksum mismatch: expected a sha256 starting with"):
-        resolve_frcnn_pretrained(tp, tmp_path / "raw", [mirror])
+        resolve_torchvision_pretrained(tp, tmp_path / "raw", [mirror])
 
     (mirror / "weights" / name).write_bytes(pretrained_file.read_bytes())
-    src, state = resolve_frcnn_pretrained(tp, tmp_path / "raw", [mirror])
+    src, state = resolve_torchvision_pretrained(tp, tmp_path / "raw", [mirror])
     assert src.kind == "coco" and src.path == str(mirror / "weights" / name)
     assert src.sha256 == sha256_file(pretrained_file) and state is not None and len(state) > 100
     listed = {row["name"]: row for row in assets.list_assets(tmp_path / "raw", [mirror])}[real.name]
@@ -350,5 +352,5 @@ def test_wrong_pretrained_sha256_is_refused(tmp_path: Path, prepared: Path, pret
     from pipeline.fileio import sha256_file
 
     tp = _params(pretrained=str(pretrained_file), pretrained_sha256=sha256_file(pretrained_file).upper()).train
-    src, state = resolve_frcnn_pretrained(tp, tmp_path, [])
+    src, state = resolve_torchvision_pretrained(tp, tmp_path, [])
     assert src.kind == "path" and state is not None
