@@ -77,7 +77,7 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     # `detflow report`: every result it shows (the run's params come from models/train/params.yaml)
     "report": ("data/prepared", "reports/data_validation.json", "models/train", "reports/train/transfer.json",
                "reports/train/summary.json", "reports/train/results.csv", "reports/metrics.json", "reports/gate.json",
-               "reports/eval/predictions.json", "reports/plots/pr", "reports/plots/confusion.json",
+               "reports/eval/statistics.json", "reports/plots/pr", "reports/plots/confusion.json",
                "models/model.onnx", "models/model_card.json", "reports/parity.json", "reports/shift.json",
                "reports/external", "reports/generalisation.json"),
 }

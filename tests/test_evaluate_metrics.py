@@ -138,3 +138,32 @@ def test_gate_checks_and_regression() -> None:
     table = gate_table(result, only_failed=True)
     assert "min_sensitivity_at_1fp" in table and "max_regression" in table and "min_cpm" not in table
     assert evaluate_gate(metrics, gate.model_copy(update={"min_sensitivity_at_1fp": 0.45}), None)["passed"]
+
+
+def test_patient_bootstrap_gives_per_class_intervals_and_the_froc_band_from_the_same_draws() -> None:
+    from pipeline.evaluate.metrics import patient_bootstrap
+
+    good = [_im(i, "good", [([10, 10, 30, 30], 0), ([40, 40, 60, 60], 1)],
+                [([10, 10, 30, 30], 0.9, 0), ([40, 40, 60, 60], 0.8, 1)]) for i in range(1, 6)]
+    bad = [_im(i, "bad", [([10, 10, 30, 30], 0)], [([60, 60, 80, 80], 0.9, 0)]) for i in range(6, 11)]
+    boot = patient_bootstrap(good + bad, 2, froc_iou=0.1, n_resamples=400, seed=0)
+    assert {k: boot[k] for k in ("map50", "cpm")} == {k: v for k, v in bootstrap_ci(
+        good + bad, 2, froc_iou=0.1, n_resamples=400, seed=0).items() if k in ("map50", "cpm")}
+    (lo0, hi0), (lo1, hi1) = boot["per_class_ap50"]
+    assert (lo0, hi0) == (0.0, 1.0) and (lo1, hi1) == (1.0, 1.0)  # class 1 only on the good patient: always found
+    assert len(boot["froc_low"]) == len(boot["fp_per_image"]) and boot["froc_low"][0] == 0.0
+    assert boot["froc_high"][-1] == 1.0 and boot["unit"] == "patient"
+
+
+def test_worst_cases_are_the_lowest_scored_misses_and_the_most_confident_false_positives() -> None:
+    from pipeline.evaluate.metrics import worst_cases
+
+    images = [_im(1, "p", [([0, 0, 10, 10], 0), ([50, 50, 60, 60], 0)],
+                  [([0, 0, 10, 10], 0.9, 0), ([20, 20, 30, 30], 0.7, 0), ([51, 51, 61, 61], 0.1, 0)]),
+              _im(2, "q", [([0, 0, 10, 10], 0)], [([70, 70, 80, 80], 0.95, 0)])]
+    cases = worst_cases(images, conf=0.25)
+    assert [(c["image_id"], c["score"]) for c in cases["fn"]] == [(2, 0.0), (1, 0.1)]  # 0.1: the overlapping box
+    assert [(c["image_id"], c["score"]) for c in cases["fp"]] == [(2, 0.95), (1, 0.7)]
+    assert cases["fp"][1]["detections"] == [{"box": [0.0, 0.0, 10.0, 10.0], "label": 0, "score": 0.9},
+                                            {"box": [20.0, 20.0, 30.0, 30.0], "label": 0, "score": 0.7}]
+    assert cases["fn"][1]["gt_boxes"] == [[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]

@@ -101,20 +101,25 @@ def test_report_is_one_self_contained_page(report: dict[str, Any]) -> None:
     assert page.by_id("no-external")  # no external evaluation in the tiny run: the section says so
 
 
-def test_bootstrap_matches_the_evaluator(exported: dict[str, Path]) -> None:
-    """The report's own patient bootstrap (per-class intervals, FROC band) draws as the evaluator does: its CPM
-    interval equals metrics.json's."""
-    from pipeline.config import load_params
-    from pipeline.report.collect import _image_dets, patient_bootstrap
+def test_the_report_shows_the_evaluators_statistics(exported: dict[str, Path], report: dict[str, Any]) -> None:
+    """evaluate owns every statistic: reports/eval/statistics.json holds the per-class intervals and the FROC band
+    from the same patient resamples as metrics.json's intervals, and the page shows those numbers."""
+    from pipeline.evaluate.metrics import MAX_CASES
 
     metrics = json.loads((exported["reports"] / "metrics.json").read_text())
-    gt = json.loads((exported["prepared"] / "coco" / "test.json").read_text())
-    preds = json.loads((exported["reports"] / "eval" / "predictions.json").read_text())
-    seed = load_params(None, []).evaluate.seed
-    boot = patient_bootstrap(_image_dets(preds, gt), len(gt["categories"]), metrics["froc"]["iou"],
-                             metrics["ci95"]["resamples"], seed)
-    assert boot["cpm"] == metrics["ci95"]["cpm"]
+    stats = json.loads((exported["reports"] / "eval" / "statistics.json").read_text())
+    boot = stats["bootstrap"]
+    assert boot["map50"] == metrics["ci95"]["map50"] and boot["cpm"] == metrics["ci95"]["cpm"]
+    assert boot["n_resamples"] == metrics["ci95"]["resamples"] and stats["classes"] == ["nodule"]
     assert all(lo <= hi for lo, hi in zip(boot["froc_low"], boot["froc_high"], strict=True))
+    (lo, hi), = boot["per_class_ap50"]  # one class: its AP50 interval is the mAP50 interval
+    assert [lo, hi] == metrics["ci95"]["map50"]
+    cases = stats["cases"]
+    assert len(cases["fn"]) <= MAX_CASES and len(cases["fp"]) <= MAX_CASES
+    assert all(c["file"].startswith("images/") and len(c["box"]) == 4 for c in cases["fn"] + cases["fp"])
+    assert [c["score"] for c in cases["fp"]] == sorted((c["score"] for c in cases["fp"]), reverse=True)
+    html = report["html"]
+    assert f"[{lo:.3f}, {hi:.3f}]" in html  # the per-class interval, as statistics.json has it
 
 
 @needs_chromium

@@ -1,4 +1,5 @@
-"""The ``detflow evaluate`` stage: one evaluator for every model family: COCO + FROC metrics, plots, promotion gate."""
+"""The ``detflow evaluate`` stage: one evaluator for every model family: COCO + FROC metrics, the patient bootstrap
+and the worst cases (every statistic the report shows, written here as DVC outputs), plots, the promotion gate."""
 
 from __future__ import annotations
 
@@ -133,10 +134,10 @@ def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) 
     """All metric keys of reports/metrics.json, plus private arrays for the plots."""
     from pipeline.evaluate.metrics import (
         FROC_FP_RATES,
-        bootstrap_ci,
         coco_metrics,
         froc,
         operating_point,
+        patient_bootstrap,
         to_coco_results,
     )
 
@@ -145,8 +146,8 @@ def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) 
     coco = coco_metrics(gt, results, classes)
     curve = froc(images, ev.froc_iou)
     op = operating_point(images, len(classes), ev.conf)
-    ci = bootstrap_ci(images, len(classes), ev.froc_iou, ev.bootstrap, ev.seed) if ev.bootstrap else \
-        {"map50": [float("nan")] * 2, "cpm": [float("nan")] * 2}
+    boot = patient_bootstrap(images, len(classes), ev.froc_iou, ev.bootstrap, ev.seed) if ev.bootstrap else None
+    ci = boot or {"map50": [float("nan")] * 2, "cpm": [float("nan")] * 2}
     metrics = {
         "map50_95": round(coco["map50_95"], 6),
         "map50": round(coco["map50"], 6),
@@ -161,13 +162,34 @@ def compute_metrics(images: list, gt: dict, classes: list[str], params: Params) 
         "n_lesions": int(sum(len(im.gt_boxes) for im in images)),
         "split": ev.split,
     }
-    private = {"precision": coco["_precision"], "froc": curve, "confusion": op["_confusion"], "results": results}
+    private = {"precision": coco["_precision"], "froc": curve, "confusion": op["_confusion"], "results": results,
+               "bootstrap": boot}
     return metrics, private
+
+
+#: The statistics the report shows beyond metrics.json (per-class intervals, FROC band, worst cases).
+STATISTICS = "eval/statistics.json"
+
+
+def statistics(images: list, gt: dict, classes: list[str], metrics: dict, boot: dict | None,
+               params: Params) -> dict[str, Any]:
+    """``reports/eval/statistics.json``: the patient bootstrap (per-class AP50 intervals and the FROC band beside
+    metrics.json's mAP50 / CPM intervals, from the same draws) and the worst cases with the file each is on."""
+    from pipeline.evaluate.metrics import worst_cases
+
+    files = {e["id"]: e["file_name"] for e in gt["images"]}
+    conf = float(metrics["operating_point"]["conf"])
+    cases = worst_cases(images, conf)
+    for case in (*cases["fn"], *cases["fp"]):
+        case["file"] = files.get(case["image_id"], "")
+    return {"split": metrics["split"], "classes": classes, "conf": conf, "froc_iou": params.evaluate.froc_iou,
+            "bootstrap": boot, "cases": cases}
 
 
 def evaluate_model(params: Params, model_path: Path, prepared: Path, reports: Path,
                    progress: bool = True) -> EvaluationResult:
-    """Score the model (checkpoint or ONNX) on ``evaluate.split``; write metrics, plots, preview and the gate verdict.
+    """Score the model (checkpoint or ONNX) on ``evaluate.split``; write metrics, statistics, plots, preview and the
+    gate verdict.
 
     Raises :class:`GateFailed` (after writing every report) when a gate check fails.
     """
@@ -188,6 +210,7 @@ def evaluate_model(params: Params, model_path: Path, prepared: Path, reports: Pa
     seconds = time.perf_counter() - start
     metrics["seconds"] = round(seconds, 2)
     atomic_write_json(reports / "eval" / "predictions.json", private["results"])
+    atomic_write_json(reports / STATISTICS, statistics(images, gt, classes, metrics, private["bootstrap"], params))
     write_plot_data(reports / "plots", private["precision"], classes, private["froc"], private["confusion"])
     preview_grid(list(zip(kept, images[: len(kept)], strict=True)), classes, ev.conf,
                  reports / "predictions_preview.png")
