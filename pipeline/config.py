@@ -37,8 +37,8 @@ from pipeline.params import (
 )
 
 __all__ = ["DEFAULT_PARAMS", "AugmentParams", "DataParams", "EvaluateParams", "ExportParams", "ExternalSetParams",
-           "GateParams", "Params", "PhantomParams", "PrepareParams", "TrainParams", "load_params", "parse_class_map",
-           "parse_override"]
+           "GateParams", "Params", "PhantomParams", "PrepareParams", "TrainParams", "load_params", "named_assets",
+           "parse_class_map", "parse_override"]
 
 
 class TrainParams(BaseTrainParams):
@@ -110,6 +110,26 @@ class Params(BaseParams):
 
     train: TrainParams = Field(default_factory=TrainParams)
     export: ExportParams = Field(default_factory=ExportParams)  # type: ignore[valid-type]
+
+
+def named_assets(params: Params) -> list[tuple[str, bool]]:
+    """``(asset name, required)`` for the named assets (``pipeline/assets.py``) these params use; optional ones may
+    fail without harm (the train stage falls back as configured).
+
+    ``data.source=bccd`` needs the BCCD set; a model with ``pretrained`` coco (required) or auto (optional) needs
+    its family's COCO asset when that asset's full sha256 is pinned. Other checkpoints are left to the train stage,
+    which resolves them through the same resolver (and refuses unverifiable ones without ``--trust``).
+    """
+    from pipeline import assets
+
+    out: list[tuple[str, bool]] = []
+    if params.data.source == "bccd":  # the named dataset prepare resolves (pipeline/data/prepare.py)
+        out.append(("bccd", True))
+    tp = params.train
+    name = get_family(tp.family).coco_assets.get(tp.model)
+    if tp.pretrained in ("coco", "auto") and name in assets.ASSETS and assets.ASSETS[name].pinned:
+        out.append((name, tp.pretrained == "coco"))
+    return out
 
 
 def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Params:

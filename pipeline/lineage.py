@@ -322,6 +322,43 @@ def _dep_path(dep: Any) -> str:
     return next(iter(dep)) if isinstance(dep, dict) else str(dep)
 
 
+def _out_paths(spec: dict[str, Any]) -> list[str]:
+    """Every path a stage writes: ``outs``, ``metrics`` and ``plots`` entries (a string or a one-key mapping)."""
+    return [_dep_path(o) for key in ("outs", "metrics", "plots") for o in (spec or {}).get(key) or []]
+
+
+def stage_outputs(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, list[str]]:
+    """``{stage: the paths it writes}``, in dvc.yaml's order."""
+    return {stage: _out_paths(spec) for stage, spec in _stages(yaml.safe_load(dvc_yaml.read_text())).items()}
+
+
+def stage_order(dvc_yaml: Path = REPO / "dvc.yaml") -> list[str]:
+    """The stages of dvc.yaml in an order DVC can run them: a stage after every stage whose output it depends on
+    (a dep equal to, inside or above an output), ties in the order dvc.yaml writes them. What the Prefect flow
+    runs, one task per stage; a cycle is a :class:`LineageError`."""
+    from graphlib import CycleError, TopologicalSorter
+
+    stages = _stages(yaml.safe_load(dvc_yaml.read_text()))
+    outs = {stage: _out_paths(spec) for stage, spec in stages.items()}
+
+    def feeds(out: str, dep: str) -> bool:
+        return out == dep or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
+
+    graph = {stage: {other for other in stages if other != stage for dep in (spec or {}).get("deps") or []
+                     if any(feeds(o, _dep_path(dep)) for o in outs[other])} for stage, spec in stages.items()}
+    sorter = TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except CycleError as e:
+        raise LineageError(f"dvc.yaml's stages form a cycle: {' -> '.join(e.args[1])}") from None
+    order, position = [], {stage: i for i, stage in enumerate(stages)}
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=position.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return order
+
+
 def expected_all(dvc_yaml: Path, root: Path = REPO) -> dict[str, list[str]]:
     """``{stage: expected deps}`` for every stage of ``dvc_yaml`` whose cmd is a ``detflow`` command."""
     doc = yaml.safe_load(dvc_yaml.read_text())
