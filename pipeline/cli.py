@@ -184,26 +184,16 @@ def evaluate(
 ) -> None:
     """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate; or score it on
     external sets (another site's labelled data) next to the internal test split."""
-    from pipeline.evaluate.external import (
-        default_set_name,
-        evaluate_dataset,
-        evaluate_external_sets,
-        external_set,
-    )
+    from pipeline.evaluate.external import GeneralisationResult, run_evaluate
     from pipeline.evaluate.gate import gate_table
-    from pipeline.evaluate.stage import evaluate_model, is_prepared
 
     p = _params(params, set_)
     _writable(reports, "reports folder")
-    if external or format_ != "auto" or class_map is not None or name is not None \
-            or (data.exists() and not is_prepared(data, p.evaluate.split)):
-        if external:
-            gen = evaluate_external_sets(p, model, reports, raw_dir=raw_dir, mirrors=mirror, progress=_progress(quiet))
-        else:
-            ext = external_set(name or default_set_name(data), str(data), format_, class_map)
-            gen = evaluate_dataset(p, model, ext, reports, raw_dir=raw_dir, mirrors=mirror, progress=_progress(quiet))
-        for set_name, m in gen.externals.items():
-            row = gen.table["sets"][set_name]
+    result = run_evaluate(p, model, data, reports, external=external, fmt=format_, class_map=class_map, name=name,
+                          raw_dir=raw_dir, mirrors=mirror, progress=_progress(quiet))
+    if isinstance(result, GeneralisationResult):
+        for set_name, m in result.externals.items():
+            row = result.table["sets"][set_name]
             internal = "" if row["internal_map50_same_classes"] is None else \
                 f" (internal {row['internal_map50_same_classes']:.4f} on the same classes, drop {row['drop']:.4f})"
             typer.echo(f"external {set_name} ({m['n_images']} images, {m['n_patients']} patients): mAP50 "
@@ -211,11 +201,10 @@ def evaluate(
             if m["note"]:
                 typer.echo(f"  {m['note']}")
         if external:
-            typer.echo(f"generalisation: {len(gen.externals)} external sets -> {reports / 'generalisation.json'}")
-        if gen.gate["checks"]:
-            typer.echo("external gate passed:\n" + gate_table(gen.gate))
+            typer.echo(f"generalisation: {len(result.externals)} external sets -> {reports / 'generalisation.json'}")
+        if result.gate["checks"]:
+            typer.echo("external gate passed:\n" + gate_table(result.gate))
         return
-    result = evaluate_model(p, model, data, reports, progress=_progress(quiet))
     m = result.metrics
     typer.echo(f"evaluate ({m['split']}, {m['n_images']} images, {m['n_patients']} patients, "
                f"{result.seconds:.1f} s): mAP50 {m['map50']:.4f} {m['ci95']['map50']}, mAP50-95 "
