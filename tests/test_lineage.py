@@ -54,7 +54,7 @@ def test_closure_holds_the_modules_the_issue_found_missing() -> None:
         assert ("pipeline/params.py" in deps) == (stage != "infer")  # infer: the card only
         # the family registry's checks: the stages that touch a model; phantom and prepare do not
         assert ("pipeline/config.py" in deps) == (stage not in ("infer", "phantom", "prepare"))
-        assert "pipeline/cli.py" not in lineage.module_deps(command)
+        assert not [d for d in lineage.module_deps(command) if d.startswith("pipeline/cli/")]
 
 
 def test_check_catches_a_missing_module_and_a_missing_data_file(tmp_path: Path) -> None:
@@ -87,28 +87,48 @@ def test_check_catches_a_missing_module_and_a_missing_data_file(tmp_path: Path) 
 def test_check_catches_an_extra_dep(tmp_path: Path) -> None:
     broken = tmp_path / "dvc.yaml"
     head, infer = DVC_YAML.read_text().split("\n  infer:\n")
-    broken.write_text(head + "\n  infer:\n" + infer.replace("    deps:\n", "    deps:\n      - pipeline/cli.py\n", 1))
-    assert [(d.stage, d.missing, d.extra) for d in lineage.check(broken)] == [("infer", [], ["pipeline/cli.py"])]
+    extra = "    deps:\n      - pipeline/cli/data.py\n"
+    broken.write_text(head + "\n  infer:\n" + infer.replace("    deps:\n", extra, 1))
+    assert [(d.stage, d.missing, d.extra) for d in lineage.check(broken)] == [("infer", [], ["pipeline/cli/data.py"])]
 
 
 def test_closure_follows_lazy_relative_and_submodule_imports_but_not_type_checking(tmp_path: Path) -> None:
     """A toy package: every import form the pipeline uses, and the ones that must not count."""
     files = {
         "pipeline/__init__.py": "",
-        "pipeline/cli.py": """
+        "pipeline/cli/__init__.py": """
             import typer
+            from pipeline.cli import group, stages
             from pipeline.errors import E
             app = typer.Typer()
-            def _helper():
+            app.add_typer(stages.app)
+            app.add_typer(group.app, name="group")
+        """,
+        "pipeline/cli/common.py": """
+            def helper():
                 from pipeline import helped
+        """,
+        "pipeline/cli/stages.py": """
+            import typer
+            from pipeline.cli.common import helper
+            app = typer.Typer()
             @app.command()
             def stage():
-                _helper()
+                helper()
                 from pipeline.pkg import sub
             @app.command("other-name")
             def other():
                 import pipeline.never
         """,
+        "pipeline/cli/group.py": """
+            import typer
+            import pipeline.sibling_only  # runs at start, only to register this group's commands
+            app = typer.Typer()
+            @app.command("grouped")
+            def grouped():
+                import pipeline.never
+        """,
+        "pipeline/sibling_only.py": "",
         "pipeline/errors.py": "class E(Exception): ...",
         "pipeline/helped.py": "",
         "pipeline/pkg/__init__.py": "",
@@ -137,6 +157,8 @@ def test_closure_follows_lazy_relative_and_submodule_imports_but_not_type_checki
         "pipeline/pkg/deep/__init__.py", "pipeline/pkg/deep/leaf.py", "pipeline/pkg/rel.py", "pipeline/pkg/sub.py",
         "pipeline/runtime_else.py"]
     assert "pipeline/never.py" in lineage.module_deps("other-name", tmp_path)
+    with pytest.raises(lineage.LineageError, match="no `detflow grouped` command"):  # a group's, not a stage's
+        lineage.module_deps("grouped", tmp_path)
     with pytest.raises(lineage.LineageError, match="no `detflow nosuch` command"):
         lineage.module_deps("nosuch", tmp_path)
 
