@@ -139,16 +139,18 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _walk_runtime(nodes: Iterable[ast.AST], at_import: bool = False) -> Iterable[ast.AST]:
-    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run), and with
-    ``at_import`` the bodies of functions too (what runs when the module is imported, not when it is used)."""
+def _walk_runtime(nodes: Iterable[ast.AST], at_import: bool = False,
+                  type_checking: bool = False) -> Iterable[ast.AST]:
+    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run; with
+    ``type_checking`` those bodies too), and with ``at_import`` the bodies of functions too (what runs when the
+    module is imported, not when it is used)."""
     stack = list(nodes)[::-1]
     while stack:
         node = stack.pop()
         yield node
         if at_import and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             continue
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_checking:
             children: list[ast.AST] = [node.test, *node.orelse]
         else:
             children = list(ast.iter_child_nodes(node))
@@ -160,10 +162,11 @@ def _package_of(module: str, path: Path) -> str:
 
 
 def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Path = REPO,
-                     at_import: bool = False) -> set[str]:
-    """Names of the ``pipeline`` modules the statements import (submodules named in ``from x import y`` too)."""
+                     at_import: bool = False, type_checking: bool = False) -> set[str]:
+    """Names of the ``pipeline`` modules the statements import (submodules named in ``from x import y`` too);
+    ``type_checking``: the imports under ``if TYPE_CHECKING:`` too (what a type checker, and the layer test, see)."""
     found: set[str] = set()
-    for node in _walk_runtime(nodes, at_import):
+    for node in _walk_runtime(nodes, at_import, type_checking):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
