@@ -141,8 +141,7 @@ def test_bccd_official_split_and_known_defects(tmp_path: Path, mirror: Path) -> 
     from pycocotools.coco import COCO
 
     assert len(COCO(str(tmp_path / "prepared" / "coco" / "test.json")).getImgIds()) == 72
-    assert elapsed < 30, f"preparing BCCD took {elapsed:.1f} s"
-    print(f"BCCD prepare: {elapsed:.2f} s")
+    print(f"BCCD prepare: {elapsed:.2f} s (its speed against decoding alone: bench/prepare.py)")
 
 
 @pytest.mark.realdata

@@ -163,9 +163,8 @@ def _cells_of(dom: Elements, split: str) -> list[dict[str, str]]:
 
 
 @needs_chromium
-def test_screenshot_and_opening_time(report: dict[str, Any], tmp_path: Path) -> None:
-    """A full-page screenshot, and the time the report adds to opening a page (an empty page is the baseline:
-    Chromium's own start-up is not the report's)."""
+def test_screenshot_of_the_whole_page(report: dict[str, Any], tmp_path: Path) -> None:
+    """A full-page screenshot that draws the page (and an empty page's, the peer bench/report_open.py times)."""
     shot = tmp_path / "report.png"
     seen = open_in_chromium(report["path"], tmp_path, screenshot=shot)
     blank = tmp_path / "blank.html"
@@ -175,9 +174,9 @@ def test_screenshot_and_opening_time(report: dict[str, Any], tmp_path: Path) -> 
 
     with Image.open(shot) as im:
         assert im.size == (1280, 9000) and len(im.convert("L").getcolors(1 << 16) or []) > 50  # drawn, not blank
+    # the opening time against an empty page is a ratio in bench/report_open.py, not a bound here
     print(f"report {report['result'].size_bytes / 1e6:.2f} MB, built in {report['seconds']:.2f} s; chromium "
           f"{seen['seconds']:.2f} s (empty page {base['seconds']:.2f} s); screenshot {shot}")
-    assert seen["seconds"] - base["seconds"] < 2.0
 
 
 @needs_chromium
