@@ -11,7 +11,7 @@ model stages and the flow load params through :func:`pipeline.config.load_params
 through :func:`load_params` here, which leaves the family-specific keys to the stages that read them.
 
 One source of defaults: every field default below equals the value in the shipped ``params.yaml``
-(tests/test_defaults.py compares every key), so a run without ``params.yaml`` computes what a fresh clone's
+(tests/code/test_defaults.py compares every key), so a run without ``params.yaml`` computes what a fresh clone's
 ``params.yaml`` would; such a run says so on stderr.
 """
 

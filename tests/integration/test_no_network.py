@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
 
 # Loaded by `site` at interpreter start (also in any subprocess, through PYTHONPATH): every name lookup and every
 # IP connection raises and is appended to $DETFLOW_TEST_NET_LOG.

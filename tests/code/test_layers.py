@@ -9,7 +9,7 @@ import fnmatch
 import re
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 from pipeline import lineage
 

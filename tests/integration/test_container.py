@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
@@ -278,7 +278,7 @@ def test_container_has_no_torch_and_a_read_only_model(container: tuple[Container
 def test_train_image_runs_the_cli_and_one_phantom_epoch(tmp_path: Path) -> None:
     """The training image, when `make images IMAGES="serve train"` built it (about 10 GB and 10 minutes: not in
     CI): `detflow --help`, then phantom -> prepare -> one training epoch inside, as the image's user."""
-    from conftest import TINY_EXPORT
+    from helpers import TINY_EXPORT
 
     tool, why = images.engine()
     if tool is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_EXPORT as TINY
+from helpers import TINY_EXPORT as TINY
 
 from pipeline.config import load_params
 

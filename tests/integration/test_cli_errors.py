@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_tiny_yolo_onnx
+from helpers import REPO, write_tiny_yolo_onnx
 
 BIN = Path(sys.executable).with_name("detflow")
 CLI = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "pipeline.cli"]

@@ -80,7 +80,7 @@ CASES: dict[str, tuple[str, Callable[[], bytes], int | None, str | None]] = {
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> object:
     """A real OnnxDetector on a tiny graph whose card asks for a params DICOM window."""
-    from conftest import write_tiny_yolo_onnx
+    from helpers import write_tiny_yolo_onnx
 
     from pipeline.infer.engine import OnnxDetector
 

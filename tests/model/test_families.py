@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from pipeline.config import load_params
 from pipeline.errors import ConfigError, DetflowError

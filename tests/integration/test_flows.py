@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import REPO
 
 from pipeline.errors import AssetError, ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 # 6 patients x 4 slices at 128 px, 1 epoch at 64 px from scratch, 20 bootstrap resamples, gates at 0.

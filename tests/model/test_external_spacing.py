@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_yolo_onnx
+from helpers import write_tiny_yolo_onnx
 
 from pipeline.config import ExternalSetParams, Params, PhantomParams, load_params
 from pipeline.data.imaging import pixel_spacing_of

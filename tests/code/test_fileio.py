@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from pipeline.fileio import (
     atomic_directory,
@@ -121,7 +122,7 @@ def _consistent(root: Path) -> int:
 @pytest.mark.parametrize("delay", [0.05, 0.13, 0.21, 0.34, 0.55])
 def test_sigkill_at_random_points_leaves_one_whole_generation(tmp_path: Path, delay: float) -> None:
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=REPO)
     assert proc.stdout is not None
     first = proc.stdout.readline()  # one generation complete
     assert first.strip() == "1"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_EXPORT
+from helpers import REPO, TINY_EXPORT
 
 from pipeline.fileio import recover_outputs, sha256_file
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from pipeline.config import load_params
@@ -558,7 +559,7 @@ def test_mixed_dataset_of_all_formats_end_to_end(tmp_path: Path, small_phantom: 
     # The same through the CLI: exit 0, one summary line, no traceback; and a failing run: one line, exit 1.
     detflow = str(Path(sys.executable).parent / "detflow")
     env = {**os.environ, "DETFLOW_NO_PROGRESS": "1"}
-    params = Path(__file__).resolve().parent.parent / "params.yaml"
+    params = REPO / "params.yaml"
     common = ["--params", str(params), "--out", str(tmp_path / "cli"), "--report", str(tmp_path / "cli.json"),
               "--set", f"data.source={root}", "--set", "data.classes=[cell,nodule]", "--set", "prepare.split=patient"]
     ok = subprocess.run([detflow, "prepare", *common, "--set", "prepare.max_bad_fraction=1", "--quiet"],

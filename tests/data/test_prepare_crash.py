@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from pipeline import fileio
 from pipeline.config import load_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.fileio import recover_outputs
 
-REPO = Path(__file__).resolve().parent.parent
 DETFLOW = str(Path(sys.executable).parent / "detflow")
 LEFTOVER = re.compile(r"^\..+\.(staging|old|tmp)\.\d+\.[0-9a-f]{8}$|\.commit\.json$")
 

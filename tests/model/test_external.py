@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_EXPORT
+from helpers import REPO, TINY_EXPORT
 from PIL import Image
 
 from pipeline.config import ExternalSetParams, Params, load_params
@@ -328,7 +328,7 @@ def test_flow_report_has_the_external_section(tmp_path: Path) -> None:
     from flows.training import external_markdown, stages
 
     # scored after export; the run report shows it, last
-    assert stages(Path(__file__).resolve().parent.parent)[-2:] == ["external", "report"]
+    assert stages(REPO)[-2:] == ["external", "report"]
     assert "not run" in external_markdown(tmp_path / "missing.json")
     path = tmp_path / "generalisation.json"
     path.write_text(json.dumps(generalisation_table(

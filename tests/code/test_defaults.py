@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from helpers import REPO
 from pydantic import BaseModel
 
 from pipeline.config import Params, load_params
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

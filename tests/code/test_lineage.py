@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from pipeline import lineage
 
-REPO = Path(__file__).resolve().parent.parent
 DVC_YAML = REPO / "dvc.yaml"
 STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external", "report")
 COMMAND = {"external": "evaluate"}  # stage -> its detflow command where the two names differ
