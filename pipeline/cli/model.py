@@ -34,7 +34,7 @@ def train(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune a detector (YOLO or Faster R-CNN) from COCO weights with the configured strategy."""
+    """Fine-tune a detector (a YOLO or torchvision model) from COCO weights with the configured strategy."""
     from pipeline.train.runs import default_workdir
     from pipeline.train.stage import train_model
 
