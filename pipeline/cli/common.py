@@ -22,18 +22,33 @@ PhantomDirOpt = Annotated[Path, typer.Option(help="phantom folder")]
 OnnxModelOpt = Annotated[Path, typer.Option(help="ONNX model (model_card.json next to it)")]
 
 
-def model_params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - Params, imported lazily
-    """Params with the model family checked (pipeline/config.py): for the commands that touch a model."""
+Outputs = dict[Path, str]  # an output location -> what it is, for the messages ("weights folder")
+
+
+def model_params(path: Path, overrides: list[str] | None, folders: Outputs | None = None,  # noqa: ANN201
+                 files: Outputs | None = None):
+    """Params with the model family checked (pipeline/config.py), for the commands that touch a model; then the
+    command's output ``folders`` and ``files`` are checked (:func:`writable`), all before any work."""
     from pipeline.config import load_params
 
-    return load_params(path, overrides or [])
+    return _outputs_checked(load_params(path, overrides or []), folders, files)
 
 
-def data_params(path: Path, overrides: list[str] | None):  # noqa: ANN202 - BaseParams, imported lazily
-    """Params without the family registry (pipeline/params.py): for the data stages, which touch no model."""
+def data_params(path: Path, overrides: list[str] | None, folders: Outputs | None = None,  # noqa: ANN201
+                files: Outputs | None = None):
+    """Params without the family registry (pipeline/params.py), for the data stages, which touch no model; then
+    the output checks, as :func:`model_params` does."""
     from pipeline.params import load_params
 
-    return load_params(path, overrides or [])
+    return _outputs_checked(load_params(path, overrides or []), folders, files)
+
+
+def _outputs_checked(params: object, folders: Outputs | None, files: Outputs | None) -> object:
+    for out, what in (folders or {}).items():
+        writable(out, what)
+    for out, what in (files or {}).items():
+        writable(out, what, folder=False)
+    return params
 
 
 def progress_on(quiet: bool) -> bool:

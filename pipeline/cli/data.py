@@ -18,7 +18,6 @@ from pipeline.cli.common import (
     SetOpt,
     data_params,
     progress_on,
-    writable,
 )
 
 app = typer.Typer()
@@ -27,15 +26,12 @@ app = typer.Typer()
 @app.command()
 def phantom(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/raw/phantom"),
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Write the synthetic chest-CT phantom (DICOM + box CSV), deterministic for its params."""
     from pipeline.data.phantom import generate_phantom
 
-    p = data_params(params, set_)
-    writable(out, "output folder")
+    p = data_params(params, set_, folders={out: "output folder"})
     summary = generate_phantom(p.phantom, out, progress=progress_on(quiet))
     typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
                f"({summary.n_empty_slices} without nodules), {summary.n_boxes} boxes -> {out}")
@@ -48,16 +44,12 @@ def prepare(
     raw_dir: RawDirOpt = Path("data/raw"),
     phantom_dir: PhantomDirOpt = Path("data/raw/phantom"),
     mirror: MirrorOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Validate, split by patient and write the canonical dataset (YOLO layout, COCO JSON, manifest)."""
     from pipeline.data.prepare import prepare_dataset
 
-    p = data_params(params, set_)
-    writable(out, "prepared dataset folder")
-    writable(report, "validation report", folder=False)
+    p = data_params(params, set_, folders={out: "prepared dataset folder"}, files={report: "validation report"})
     result = prepare_dataset(p, out, report, raw_dir=raw_dir, phantom_dir=phantom_dir, mirrors=mirror,
                              progress=progress_on(quiet))
     s = result.report["summary"]

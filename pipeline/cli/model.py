@@ -16,7 +16,6 @@ from pipeline.cli.common import (
     SetOpt,
     model_params,
     progress_on,
-    writable,
 )
 
 app = typer.Typer()
@@ -30,17 +29,13 @@ def train(
     raw_dir: RawDirOpt = Path("data/raw"),
     mirror: MirrorOpt = None,
     trust: Annotated[bool, typer.Option(help="load a pretrained pickle whose sha256 is not pinned")] = False,
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a detector (a YOLO or torchvision model) from COCO weights with the configured strategy."""
     from pipeline.train.runs import default_workdir
     from pipeline.train.stage import train_model
 
-    p = model_params(params, set_)
-    writable(out, "weights folder")
-    writable(reports, "reports folder")
+    p = model_params(params, set_, folders={out: "weights folder", reports: "reports folder"})
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=progress_on(quiet))
     t = result.transfer
@@ -69,17 +64,14 @@ def evaluate(
     reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports"),
     raw_dir: Annotated[Path, typer.Option(help="DVC-tracked raw assets (external source bccd)")] = Path("data/raw"),
     mirror: MirrorOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    quiet: QuietOpt = False,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Score the model (COCO mAP, per-class AP, FROC, bootstrap CIs) and apply the promotion gate; or score it on
     external sets (another site's labelled data) next to the internal test split."""
     from pipeline.evaluate.external import GeneralisationResult, run_evaluate
     from pipeline.evaluate.gate import gate_table
 
-    p = model_params(params, set_)
-    writable(reports, "reports folder")
+    p = model_params(params, set_, folders={reports: "reports folder"})
     result = run_evaluate(p, model, data, reports, external=external, fmt=format_, class_map=class_map, name=name,
                           raw_dir=raw_dir, mirrors=mirror, progress=progress_on(quiet))
     if isinstance(result, GeneralisationResult):
@@ -109,15 +101,12 @@ def export(
     data: PreparedOpt = Path("data/prepared"),
     reports: Annotated[Path, typer.Option(help="reports folder (gate.json in, parity.json out)")] = Path("reports"),
     out: Annotated[Path, typer.Option(help="folder for model.onnx and model_card.json")] = Path("models"),
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
     """Export to ONNX after a passed gate; measure PyTorch/ONNX parity; write the model card."""
     from pipeline.export import export_model
 
-    p = model_params(params, set_)
-    writable(out, "model folder")
-    writable(reports, "reports folder")
+    p = model_params(params, set_, folders={out: "model folder", reports: "reports folder"})
     result = export_model(p, model, data, reports, out)
     q = result.parity
     typer.echo(f"export: {result.model} (sha256 {result.card['sha256'][:12]}, opset {result.card['opset']}); parity "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import ParamsOpt, PhantomDirOpt, PreparedOpt, RawDirOpt, SetOpt, model_params, writable
+from pipeline.cli.common import ParamsOpt, PhantomDirOpt, PreparedOpt, RawDirOpt, SetOpt, model_params
 
 app = typer.Typer()
 
@@ -29,18 +29,14 @@ def report(
                                                 "samples (default: data.source resolved as prepare does)")] = None,
     raw_dir: RawDirOpt = Path("data/raw"),
     phantom_dir: PhantomDirOpt = Path("data/raw/phantom"),
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
     """Write the run report: one HTML page (verdict, data, transfer, evaluation, generalisation, deployment,
     provenance) that opens offline. Renders after a failed gate too; missing inputs are named in the page."""
     from pipeline.report import ReportInputs, write_report
     from pipeline.report.collect import default_source
 
-    p = model_params(params, set_)
-    writable(out, "report", folder=False)
-    if model_copy is not None:
-        writable(model_copy, "report copy", folder=False)
+    p = model_params(params, set_, files={out: "report", **({model_copy: "report copy"} if model_copy else {})})
     inputs = ReportInputs(reports=reports, data=data, models=models, lock=lock, bench=bench, params=params,
                           overrides=tuple(set_ or ()),
                           source=source if source is not None else default_source(p, raw_dir, phantom_dir))
