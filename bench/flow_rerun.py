@@ -12,19 +12,16 @@ Prints the median seconds of each arm and ``flow_over_dvc_repro``; writes bench/
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from timing import interleaved, write_result
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    t = time.perf_counter()
+
+def run(cmd: list[str], cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,19 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arms = {"dvc_repro": [sys.executable, "-m", "dvc", "repro"],
             "flow": [sys.executable, "-m", "pipeline.cli", "flow", "run", "--repo", str(args.repo)]}
-    for cmd in arms.values():
-        timed(cmd, args.repo)  # warm-up (and the flow's first promotion, if any)
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(args.repeats):
-        for name, cmd in arms.items():
-            times[name].append(timed(cmd, args.repo))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # the warm-up pass also makes the flow's first promotion, if any
+    med = interleaved({name: lambda cmd=cmd: run(cmd, args.repo) for name, cmd in arms.items()}, args.repeats)
     result = {"repeats": args.repeats, "seconds": med,
               "flow_over_dvc_repro": round(med["flow"] / med["dvc_repro"], 3)}
     print(f"dvc repro (no-op) {med['dvc_repro']:.2f} s, flow run (no-op) {med['flow']:.2f} s (median of "
           f"{args.repeats}): flow_over_dvc_repro {result['flow_over_dvc_repro']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -28,34 +28,14 @@ graphs that take a batch). Writes bench/results/inference_rows.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-
-def _interleaved(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time per arm; arms run round-robin so load drift on the machine hits all of them alike.
-
-    Whole passes, not image by image: onnxruntime's worker threads spin for a while after each run, so switching
-    sessions every image makes the two arms' thread pools fight over the 2 cores (measured: engine batch 1 fell
-    from about 55 to 28 images/s), which no deployment does.
-    """
-    for fn in arms.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(repeats):
-        for name, fn in arms.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+from timing import interleaved, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             arms[name] = lambda model=model, groups=groups, b=b: [
                 model.predict([str(p) for p in g], imgsz=size, conf=conf, iou=iou, batch=b, device="cpu",
                               verbose=False) for g in groups]
-        for name, seconds in _interleaved(arms, args.repeats).items():
+        for name, seconds in interleaved(arms, args.repeats).items():
             results.setdefault(name, {})[f"b{b}"] = n / seconds
 
     ratios = {}
@@ -146,15 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {row['b1']:>9.1f} {row['b8']:>9.1f}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"images": n, "imgsz": size, "threads": args.threads, "repeats": args.repeats,
-                               "stream": {"workers": workers, "threads": stream_threads},
-                               "providers": engine.providers, "images_per_s": results,
-                               "ratios": {k: round(v, 3) for k, v in ratios.items()},
-                               "model": str(args.model), "machine": platform.processor() or platform.machine(),
-                               "python": sys.version.split()[0], "numpy": np.__version__}, indent=2))
-    tmp.replace(args.out)
+    write_result(args.out, {"images": n, "imgsz": size, "threads": args.threads, "repeats": args.repeats,
+                            "stream": {"workers": workers, "threads": stream_threads},
+                            "providers": engine.providers, "images_per_s": results,
+                            "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                            "model": str(args.model), "machine": platform.processor() or platform.machine(),
+                            "python": sys.version.split()[0], "numpy": np.__version__})
     return 0
 
 
@@ -214,7 +191,7 @@ def measure_rows(args: argparse.Namespace) -> int:
             arms = {"engine": lambda groups=groups, det=engine: [det.predict([det.decode(p).rgb for p in g])
                                                                  for g in groups],
                     "bare": lambda tensors=tensors, det=engine: [det.run(t) for t in tensors]}
-            seconds = _interleaved(arms, args.repeats)
+            seconds = interleaved(arms, args.repeats)
             row[f"b{b}"] = {"engine_images_per_s": round(len(files) / seconds["engine"], 2),
                             "bare_images_per_s": round(len(files) / seconds["bare"], 2),
                             "engine_time_over_bare": round(seconds["engine"] / seconds["bare"], 3)}
@@ -228,14 +205,10 @@ def measure_rows(args: argparse.Namespace) -> int:
         b8 = f"{r['b8']['engine_time_over_bare']:.3f}" if "b8" in r else "-"
         name = f"{r['family']}/{r['model']}"
         print(f"{name:<50} {r['imgsz']:>5} {r['b1']['engine_time_over_bare']:>15.3f} {b8:>15}")
-    out = args.out or Path("bench/results/inference_rows.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"images": len(files), "threads": args.threads, "repeats": args.repeats,
-                               "epochs": args.epochs, "rows": table, "goal_engine_time_over_bare": 1.10,
-                               "machine": platform.processor() or platform.machine(),
-                               "python": sys.version.split()[0], "numpy": np.__version__}, indent=2))
-    tmp.replace(out)
+    write_result(args.out or Path("bench/results/inference_rows.json"), {
+        "images": len(files), "threads": args.threads, "repeats": args.repeats, "epochs": args.epochs, "rows": table,
+        "goal_engine_time_over_bare": 1.10, "machine": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0], "numpy": np.__version__})
     return 0
 
 

@@ -9,12 +9,11 @@ Prints the median seconds of each arm and ``prepare_over_decode``; writes bench/
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import interleaved, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,20 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             prepare_dataset(params, Path(tmp) / f"prepared{i}", Path(tmp) / f"report{i}.json",
                             raw_dir=Path(tmp) / "raw", progress=False)
 
-        times: dict[str, list[float]] = {"decode": [], "prepare": []}
-        decode()  # warm the page cache
-        for i in range(args.repeats):
-            for name, fn in (("decode", decode), ("prepare", lambda i=i: prepare(i))):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        runs = iter(range(args.repeats + 1))
+        med = interleaved({"decode": decode, "prepare": lambda: prepare(next(runs))}, args.repeats)
     result = {"source": args.source, "images": len(images), "repeats": args.repeats, "seconds": med,
               "prepare_over_decode": round(med["prepare"] / med["decode"], 3), "asset": args.source in assets.ASSETS}
     print(f"{len(images)} images: decode {med['decode']:.2f} s, prepare {med['prepare']:.2f} s (median of "
           f"{args.repeats}); prepare_over_decode: {result['prepare_over_decode']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

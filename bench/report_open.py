@@ -10,24 +10,21 @@ bench/results/report_open.json. Needs `chromium` (Debian package).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from timing import interleaved, write_result
 
-def open_page(chromium: str, page: Path, work: Path) -> float:
+
+def open_page(chromium: str, page: Path, work: Path) -> None:
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
            "--disable-background-networking", "--host-resolver-rules=MAP * ~NOTFOUND",
            "--virtual-time-budget=5000", "--window-size=1280,9000", f"--screenshot={work / 'shot.png'}",
            page.resolve().as_uri()]
-    t = time.perf_counter()
     subprocess.run(cmd, capture_output=True, check=True, timeout=120, cwd=work)
-    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,20 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         blank = work / "blank.html"
         blank.write_text("<!DOCTYPE html><html><body></body></html>")
-        open_page(chromium, blank, work)  # warm-up
-        times: dict[str, list[float]] = {"blank": [], "report": []}
-        for _ in range(args.repeats):
-            for name, page in (("blank", blank), ("report", args.report)):
-                times[name].append(open_page(chromium, page, work))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved({"blank": lambda: open_page(chromium, blank, work),
+                           "report": lambda: open_page(chromium, args.report, work)}, args.repeats)
     result = {"report": str(args.report), "bytes": args.report.stat().st_size, "repeats": args.repeats,
               "seconds": med, "report_minus_blank_s": round(med["report"] - med["blank"], 3),
               "report_over_blank": round(med["report"] / med["blank"], 3)}
     print(f"blank {med['blank']:.2f} s, report {med['report']:.2f} s (median of {args.repeats}): "
           f"report_minus_blank_s {result['report_minus_blank_s']:.2f}, report_over_blank "
           f"{result['report_over_blank']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 
