@@ -24,7 +24,7 @@ MB = 1024 * 1024
 class ServeSettings(BaseModel):
     """Everything the HTTP service can be configured with. See the module docstring of ``pipeline.serve``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no NaN / inf
 
     # model
     model_path: Path = Field(Path("models/model.onnx"), description="exported ONNX model")
