@@ -68,6 +68,14 @@ def _writable(path: Path, what: str, folder: bool = True) -> None:
         raise DetflowError(f"cannot write {what} {path}: no write permission on {parent}")
 
 
+def _outputs(reads: list[tuple[str, Path]], writes: list) -> None:  # noqa: ANN001 - fileio.Write, imported lazily
+    """Every output checked against every input and against each other before any work: nothing a command did not
+    create is overwritten, deleted or written into (pipeline.fileio.check_outputs)."""
+    from pipeline.fileio import check_outputs
+
+    check_outputs(reads, writes)
+
+
 def _threshold(value: float | None) -> float | None:
     """--conf: a score threshold, checked while parsing (before any model loads)."""
     from pipeline.infer.engine import check_threshold
@@ -89,9 +97,11 @@ def phantom(
 ) -> None:
     """Write the synthetic chest-CT phantom (DICOM + box CSV), deterministic for its params."""
     from pipeline.data.phantom import generate_phantom
+    from pipeline.fileio import Write
 
     p = _params(params, set_)
     _writable(out, "output folder")
+    _outputs([("params file", params)], [Write("phantom folder", out, "tree", ours="boxes.csv")])
     summary = generate_phantom(p.phantom, out, progress=_progress(quiet))
     typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
                f"({summary.n_empty_slices} without nodules), {summary.n_boxes} boxes -> {out}")
@@ -136,12 +146,22 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a detector (YOLO or Faster R-CNN) from COCO weights with the configured strategy."""
+    from pipeline.fileio import Write
     from pipeline.train import train_model
     from pipeline.train.common import default_workdir
 
     p = _params(params, set_)
     _writable(out, "weights folder")
     _writable(reports, "reports folder")
+    pretrained = Path(p.train.pretrained)
+    _outputs([("prepared dataset", data), ("params file", params),
+              *([("pretrained weights", pretrained)] if pretrained.suffix and pretrained.exists() else [])],
+             [*(Write("weights file", out / n) for n in ("best.pt", "last.pt", "params.yaml")),
+              *(Write("training report", reports / n) for n in ("transfer.json", "summary.json", "metrics.json",
+                                                                "results.csv")),
+              # replaced whole: only in a reports folder an earlier `detflow train` wrote (transfer.json, written first)
+              *(Write(f"training {n} folder", reports / n, "tree", ours="../transfer.json")
+                for n in ("live", "figures"))])
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=_progress(quiet))
     t = result.transfer
@@ -184,9 +204,11 @@ def evaluate(
         external_set,
     )
     from pipeline.evaluate.gate import gate_table
+    from pipeline.fileio import Write
 
     p = _params(params, set_)
     _writable(reports, "reports folder")
+    _outputs([("model", model), ("dataset", data), ("params file", params)], [Write("reports folder", reports, "into")])
     if external or format_ != "auto" or class_map is not None or name is not None \
             or (data.exists() and not is_prepared(data, p.evaluate.split)):
         if external:
@@ -225,11 +247,14 @@ def export(
     set_: SetOpt = None,
 ) -> None:
     """Export to ONNX after a passed gate; measure PyTorch/ONNX parity; write the model card."""
-    from pipeline.export import export_model
+    from pipeline.export import export_model, published_outputs
 
     p = _params(params, set_)
     _writable(out, "model folder")
     _writable(reports, "reports folder")
+    _outputs([("model", model), ("prepared dataset", data), ("params file", params),
+              *((f"evaluation input {n}", reports / n) for n in ("gate.json", "metrics.json", "train/summary.json"))],
+             published_outputs(out, reports))
     result = export_model(p, model, data, reports, out)
     q = result.parity
     typer.echo(f"export: {result.model} (sha256 {result.card['sha256'][:12]}, opset {result.card['opset']}); parity "
@@ -257,10 +282,13 @@ def adapt(
     """Adapt a model to a new site without labels: known pixel size first, else the input scale whose predicted
     object sizes match the training objects'. Writes a model folder that infer, serve and evaluate use as is."""
     from pipeline.adapt import adapt_model
+    from pipeline.fileio import Write
 
     if not source.exists():
         raise DetflowError(f"adapt source {source} does not exist")
     _writable(out, "adapted model folder")
+    _outputs([("source", source), ("model", model), ("model card", model.with_name("model_card.json"))],
+             [Write("adapted model folder", out, "tree", ours="model_card.json")])
     result = adapt_model(model, source, out, pixel_size=pixel_size, train_pixel_size=train_pixel_size, conf=conf,
                          max_images=max_images)
     a = result.adaptation
@@ -286,11 +314,16 @@ def infer(
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
-    from pipeline.infer.batch import collect_sources, run_batch
+    from pipeline.fileio import Write
+    from pipeline.infer.batch import collect_sources, run_batch, source_folders
     from pipeline.infer.engine import OnnxDetector, plan_workers
 
     items = collect_sources(source)  # a bad source or output folder fails here, before the model loads
     _writable(out, "output folder")
+    _outputs([("source", source), ("model", model), *(("dataset folder", f) for f in source_folders(source)),
+              *((f"input {name}", path) for name, _, path in items)],
+             [*(Write("output", out / n) for n in ("predictions.json", "infer_errors.json", "shift.json")),
+              *([Write("rendered images folder", out / "rendered", "into")] if render else [])])
     workers, threads = plan_workers(workers)
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
@@ -331,7 +364,8 @@ def shift(
 ) -> None:
     """Do SOURCE's images come from another site than the training data? MMD permutation test of the model's
     embeddings against the training reference; writes shift.json and a 2-D picture of both samples."""
-    from pipeline.infer.batch import collect_sources, run_shift
+    from pipeline.fileio import Write
+    from pipeline.infer.batch import collect_sources, run_shift, source_folders
     from pipeline.infer.engine import OnnxDetector, plan_workers
     from pipeline.shift import ShiftError, plot_projection
 
@@ -339,6 +373,9 @@ def shift(
     if not items:
         raise DetflowError(f"no images in {source}: the shift test needs at least 8 (64 recommended)")
     _writable(out, "output folder")
+    _outputs([("source", source), ("model", model), *(("dataset folder", f) for f in source_folders(source)),
+              *((f"input {name}", path) for name, _, path in items)],
+             [Write("output", out / "shift.json"), Write("output", out / "shift_projection.png")])
     workers, threads = plan_workers(0)
     detector = OnnxDetector(model, providers=providers, threads=threads)
     run = run_shift(detector, items, out, source=str(source), alpha=alpha, n_permutations=permutations,
@@ -460,6 +497,9 @@ def flow_run(
     if not repo.is_dir():
         raise DetflowError(f"repository checkout {repo} is not a folder")
     _params(repo / "params.yaml", set_)  # bad params or overrides fail here, before a Prefect server starts
+    from pipeline.ultralytics_env import configure_environment
+
+    configure_environment()  # before Prefect is imported: its home (settings, database) in .detflow/, not ~/.prefect
     from flows.training import start_local_server, training_pipeline
 
     start_local_server()  # patient on a cold first start (new database); one clear line if it cannot start
@@ -491,6 +531,7 @@ def report(
 ) -> None:
     """Write the run report: one HTML page (verdict, data, transfer, evaluation, generalisation, deployment,
     provenance) that opens offline. Renders after a failed gate too; missing inputs are named in the page."""
+    from pipeline.fileio import Write
     from pipeline.report import ReportInputs, write_report
     from pipeline.report.collect import default_source
 
@@ -498,6 +539,12 @@ def report(
     _writable(out, "report", folder=False)
     if model_copy is not None:
         _writable(model_copy, "report copy", folder=False)
+    read_files = [*(reports / n for n in ("metrics.json", "gate.json", "parity.json", "data_validation.json",
+                                         "shift.json", "generalisation.json")),
+                  models / "model.onnx", models / "model_card.json", lock, bench, params]
+    _outputs([("prepared dataset", data), *(("input", f) for f in read_files),
+              *([("source dataset", source)] if source is not None else [])],
+             [Write("report", out), *([Write("report copy", model_copy)] if model_copy is not None else [])])
     inputs = ReportInputs(reports=reports, data=data, models=models, lock=lock, bench=bench, params=params,
                           overrides=tuple(set_ or ()),
                           source=source if source is not None else default_source(p, raw_dir, phantom_dir))

@@ -347,10 +347,28 @@ def _png_with_exif(rgb: np.ndarray, exif: bytes, where: str) -> bytes:
     raise ValueError(where)
 
 
+def _xmp(orientation: int) -> str:
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+            '</rdf:RDF></x:xmpmeta>')
+
+
 def _oriented(container: str, stored: np.ndarray, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     raw = exif.tobytes()  # starts with "Exif\0\0"
+    if container == "jpeg-xmp":  # the orientation only in XMP (some editors write no EXIF at all)
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format="JPEG", quality=100, xmp=_xmp(orientation).encode())
+        return buf.getvalue()
+    if container == "png-xmp":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", _xmp(orientation))
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
     if container.startswith("png-"):
         return _png_with_exif(stored, raw[6:] if raw.startswith(b"Exif") else raw, container[4:])
     buf = io.BytesIO()
@@ -360,7 +378,7 @@ def _oriented(container: str, stored: np.ndarray, orientation: int) -> bytes:
     return buf.getvalue()
 
 
-ORIENT_CONTAINERS = ["jpeg", "png-before", "png-after", "png-raw-profile", "tiff", "webp"]
+ORIENT_CONTAINERS = ["jpeg", "png-before", "png-after", "png-raw-profile", "tiff", "webp", "jpeg-xmp", "png-xmp"]
 
 
 def _block_image() -> np.ndarray:
@@ -390,7 +408,7 @@ def test_every_container_is_upright_once(container: str, orientation: int) -> No
 def test_prepare_turns_every_container_once(tmp_path: Path, container: str) -> None:
     """Through prepare (VOC, box drawn on the stored pixels): stored upright, tag gone, the label on the block."""
     root = tmp_path / "voc"
-    suffix = {"jpeg": ".jpg", "tiff": ".tif", "webp": ".webp"}.get(container, ".png")
+    suffix = {"jpeg": ".jpg", "jpeg-xmp": ".jpg", "tiff": ".tif", "webp": ".webp"}.get(container, ".png")
     (root / "JPEGImages").mkdir(parents=True)
     (root / "JPEGImages" / f"r{suffix}").write_bytes(_oriented(container, _block_image(), 6))
     _voc_xml(root / "Annotations" / "r.xml", f"r{suffix}", [(20, 5, 50, 15)], size=(90, 40))

@@ -248,6 +248,10 @@ def _complete_stream(data: bytes, fmt: str | None) -> bool:
     return fmt == "PNG" and data[-12:-4] == b"\x00\x00\x00\x00IEND"
 
 
+OPENCV_MAX_SIDE = 1_000_000
+"""OpenCV's libpng refuses wider images ("Image width exceeds user limit", printed on stderr): those go to Pillow."""
+
+
 def _fast_rgb(data: bytes, im: Image.Image) -> np.ndarray | None:
     """OpenCV decode of a complete 8-bit RGB JPEG/PNG straight into a numpy array, else None.
 
@@ -256,7 +260,7 @@ def _fast_rgb(data: bytes, im: Image.Image) -> np.ndarray | None:
     it with :func:`apply_orientation`, the same code as the Pillow path, so both paths give identical upright
     pixels. Only for files that end properly, so a truncated upload still goes through Pillow and gets its error.
     """
-    if im.mode != "RGB" or not _complete_stream(data, im.format):
+    if im.mode != "RGB" or not _complete_stream(data, im.format) or max(im.size) > OPENCV_MAX_SIDE:
         return None
     import cv2
 

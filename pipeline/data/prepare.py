@@ -27,7 +27,7 @@ from pipeline.data.records import PROBLEM_KINDS, Problem, Sample
 from pipeline.data.split import SPLITS, assert_no_leakage, pseudonymise, split_by_patient
 from pipeline.data.validate import validate_boxes
 from pipeline.errors import DataError
-from pipeline.fileio import atomic_outputs, atomic_write_text, recover_outputs
+from pipeline.fileio import Write, atomic_outputs, atomic_write_text, check_outputs, recover_outputs
 
 # Known sources: where they come from, their format and their class order (the model's class indices).
 BUILTIN_SOURCES = {
@@ -231,8 +231,10 @@ def prepare_dataset(
     When the stage fails on the data (nothing usable, too many quarantined) the report is still written, with
     ``status: failed`` and no ``manifest_sha256``, and the previous dataset (if any) is left as it was.
     """
-    recover_outputs(out_dir, report_path)  # finish or undo what a killed run left
     root, fmt, provenance = resolve_source(params, raw_dir, mirrors, phantom_dir)
+    check_outputs([("dataset", root)], [Write("prepared dataset folder", out_dir, "tree", ours="prepare_info.json"),
+                                        Write("validation report", report_path)])
+    recover_outputs(out_dir, report_path)  # finish or undo what a killed run left
     builtin = BUILTIN_SOURCES.get(params.data.source)
     read, fmt = read_dataset(root, fmt, allow_outside_root=params.data.allow_outside_root)
     classes = _class_list(params, read, builtin)

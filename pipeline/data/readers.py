@@ -89,6 +89,9 @@ class Scan:
     odd: list[tuple[Path, str, str]]
 
 
+_FILE_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES | {".xml", ".json", ".txt", ".csv", ".yaml", ".yml"}
+
+
 def scan(root: Path, scope: Scope) -> Scan:
     """All regular files under ``root`` in name order, following links that stay inside the scope (each folder
     once), never opening anything; whatever else is there is listed in ``odd`` with its reason."""
@@ -127,6 +130,9 @@ def scan(root: Path, scope: Scope) -> Scan:
                 odd.append((path, "unreadable_entry", f"cannot be read: {e.strerror or e}"))
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if Path(entry.name).suffix.lower() in _FILE_SUFFIXES:
+                    odd.append((path, "unreadable_entry", "a folder named like a file (not read as one; what it "
+                                "holds is listed on its own)"))
                 if (st.st_dev, st.st_ino) not in visited:
                     visited.add((st.st_dev, st.st_ino))
                     visit(path)
@@ -230,7 +236,7 @@ def _parse_float(text: object) -> float:
         raise ValueError(f"not a number: {text!r}")
     value = float(str(text).strip())
     if not math.isfinite(value):
-        raise ValueError(f"non-finite value {text!r}")
+        raise ValueError(f"non-finite value {_shown(text)}")
     return value
 
 

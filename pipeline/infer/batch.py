@@ -81,6 +81,16 @@ def _coco_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
         yield img["file_name"], img["id"], base / img["file_name"]
 
 
+def source_folders(source: Path) -> list[Path]:
+    """The folders a source reads its images from (a folder itself; a COCO file's dataset folder), which a run must
+    not write into; a single image or a file list names files only."""
+    if source.is_dir():
+        return [source]
+    if source.suffix == ".json":
+        return [source.parent.parent if source.parent.name == "coco" else source.parent]
+    return []
+
+
 def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
     """(display name, COCO image id or None, path) for every input the source names."""
     if not source.exists():
