@@ -499,7 +499,8 @@ def flow_run(
     _params(repo / "params.yaml", set_)  # bad params or overrides fail here, before a Prefect server starts
     from pipeline.ultralytics_env import configure_environment
 
-    configure_environment()  # before Prefect is imported: its home (settings, database) in .detflow/, not ~/.prefect
+    env = configure_environment()  # before Prefect is imported: its home (settings, database) in .detflow/, not ~
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect's sqlite cannot create a missing folder
     from flows.training import start_local_server, training_pipeline
 
     start_local_server()  # patient on a cold first start (new database); one clear line if it cannot start

@@ -125,11 +125,13 @@ def _free_port() -> int:
 
 
 def _serve_until_ready(env: dict[str, str], work: Path) -> None:
-    """`detflow serve` in the sandbox: start, wait for /health/ready (asked from this process), stop by its PID."""
+    """`detflow serve` in the sandbox (HOME empty; without the network guard, which would refuse the getaddrinfo of its
+    own listening address): start, wait for /health/ready (asked from this process), stop by its PID."""
     import signal
     import urllib.request
 
     port = _free_port()
+    env = {**env, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model", "models/model.onnx", "--port",
                              str(port), "--providers", "CPUExecutionProvider"], env=env, cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -170,7 +172,7 @@ def test_every_command_stays_offline_and_out_of_home(tmp_path: Path) -> None:
             "gate.min_map50=0", "gate.min_cpm=0", "gate.min_sensitivity_at_1fp=0", "gate.max_regression=null"]
     sets = [a for s in tiny for a in ("--set", s)]
     commands: list[tuple[str, list[str]]] = [
-        ("phantom", ["phantom", "--params", params, "--set", "phantom.patients=4", "--set", "phantom.slices=3",
+        ("phantom", ["phantom", "--params", params, "--set", "phantom.patients=8", "--set", "phantom.slices=4",
                      "--set", "phantom.size=128", "--quiet"]),
         ("prepare", ["prepare", "--params", params, "--quiet"]),
         ("train", ["train", "--params", params, *sets, "--quiet"]),
