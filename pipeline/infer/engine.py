@@ -401,10 +401,12 @@ class OnnxDetector:
             raise EmbeddingsUnavailable(f"model card {self.card_path} names no {what}; re-export the model with "
                                         "`detflow export`")
         path = self.model_path.parent / entry["file"]
-        data = self._companions.get(entry["file"])  # read with the model, from the same publication
+        # read with the model, from the same publication; else from the folder the model was read from
+        data = getattr(self, "_companions", {}).get(entry["file"])
         if data is None:
             try:
-                data = (self.folder / entry["file"]).read_bytes() if "/" not in entry["file"] else None
+                folder = getattr(self, "folder", self.model_path.parent)
+                data = (folder / entry["file"]).read_bytes() if "/" not in entry["file"] else None
             except OSError:
                 data = None
         if data is None:
