@@ -151,6 +151,16 @@ def _is_real_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
+def _replace_in_two(staged: Path, target: Path) -> None:
+    """Target aside, staged into place, old removed: for what one rename cannot replace (a folder over a file, or
+    no RENAME_EXCHANGE here); a reader may find nothing at ``target`` for a moment."""
+    old = _temp_sibling(target, "old")
+    _rename(target, old)
+    _rename(staged, target)
+    _fsync(target.parent)
+    _remove(old)
+
+
 def _roll_forward(journal: Path) -> None:
     """Move every staged output of a committed group into place (idempotent), then drop the journal.
 
@@ -171,22 +181,13 @@ def _roll_forward(journal: Path) -> None:
         if _is_real_dir(staged) and _is_real_dir(target):
             try:
                 _rename(staged, target, exchange=True)
-            except OSError:  # no RENAME_EXCHANGE here: two renames (a reader may see no folder for a moment)
-                old = _temp_sibling(target, "old")
-                _rename(target, old)
-                _rename(staged, target)
-                _fsync(target.parent)
-                _remove(old)
+            except OSError:  # no RENAME_EXCHANGE on this kernel or file system
+                _replace_in_two(staged, target)
                 continue
             _fsync(target.parent)
             _remove(staged)
-        elif staged.is_dir() != (target.is_dir() and not target.is_symlink()) and (target.exists()
-                                                                                   or target.is_symlink()):
-            old = _temp_sibling(target, "old")  # a folder replacing a file or the other way round
-            _rename(target, old)
-            _rename(staged, target)
-            _fsync(target.parent)
-            _remove(old)
+        elif staged.is_dir() != _is_real_dir(target) and (target.exists() or target.is_symlink()):
+            _replace_in_two(staged, target)  # a folder replacing a file or the other way round
         else:
             _rename(staged, target)  # a file (or a folder onto nothing): atomic, the target is never missing
             _fsync(target.parent)

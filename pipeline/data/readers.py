@@ -258,7 +258,7 @@ def _dicom_header(path: Path) -> tuple[str | None, str, set[str], tuple[int, int
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["PatientID", "PatientName", "SOPInstanceUID", "Rows", "Columns"])
-        patient = str(ds.get("PatientID", "") or "") or None
+        patient = identifier(str(ds.get("PatientID", "") or ""))  # one declared type, as every other id
         uid = str(ds.get("SOPInstanceUID", "") or "")
         sensitive = {v for tag in ("PatientID", "PatientName") if (v := str(ds.get(tag, "") or ""))}
         size = _size(ds.get("Columns"), ds.get("Rows"))
