@@ -159,9 +159,10 @@ def train(
              [*(Write("weights file", out / n) for n in ("best.pt", "last.pt", "params.yaml")),
               *(Write("training report", reports / n) for n in ("transfer.json", "summary.json", "metrics.json",
                                                                 "results.csv")),
-              # replaced whole: only in a reports folder an earlier `detflow train` wrote (transfer.json, written first)
-              *(Write(f"training {n} folder", reports / n, "tree", ours="../transfer.json")
-                for n in ("live", "figures"))])
+              # replaced whole: only folders an earlier `detflow train` wrote (DVCLive's metrics.json, the curves;
+              # under `dvc repro` DVC has deleted its outs inside them already, these files stay)
+              Write("training live folder", reports / "live", "tree", ours="metrics.json"),
+              Write("training figures folder", reports / "figures", "tree", ours="training_curves.png")])
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=_progress(quiet))
     t = result.transfer
