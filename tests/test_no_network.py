@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -193,15 +194,24 @@ def test_every_command_stays_offline_and_out_of_home(tmp_path: Path) -> None:
     home_writes: dict[str, list[str]] = {}
     net: dict[str, list[dict]] = {}
     outputs: dict[str, str] = {}
+    def check(name: str) -> None:
+        """What this command wrote under HOME and which network calls it tried; then HOME is emptied again, so
+        each command is judged on its own (a later one would only update files an earlier one created)."""
+        home_writes[name], net[name] = _written_under(home), _attempts(net_log)
+        for p in sorted(home.iterdir()):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        net_log.unlink(missing_ok=True)
+
     for name, argv in commands:
         outputs[name] = _run([*cli, *argv], env, work).stdout
-        home_writes[name], net[name] = _written_under(home), _attempts(net_log)
+        check(name)
     _serve_until_ready(env, work)
-    home_writes["serve"], net["serve"] = _written_under(home), _attempts(net_log)
+    check("serve")
     seconds = time.perf_counter() - start
 
-    assert net == {name: [] for name in net}, "network calls were attempted"
-    assert home_writes == {name: [] for name in home_writes}, "files were written under HOME"
+    assert net == {name: [] for name in net}, f"network calls attempted by {[n for n, a in net.items() if a]}"
+    assert home_writes == {name: [] for name in home_writes}, \
+        f"files written under HOME by {[n for n, w in home_writes.items() if w]}"
     assert (work / "models" / "current" / "model.onnx").is_file() and (work / "preds" / "predictions.json").is_file()
     # The third-party state went to the project's work folder instead.
     assert (work / ".detflow" / "ultralytics" / "Ultralytics" / "settings.json").is_file()
