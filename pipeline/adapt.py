@@ -247,22 +247,30 @@ def _companions(card: dict[str, Any]) -> list[str]:
     return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in own]
 
 
-def _publish(model: Path, card: dict[str, Any], out_dir: Path) -> None:
-    """``model.onnx`` (hard link, else copy), the files the card names beside it, and the adapted card, replaced
-    together."""
+def _publish(folder: Path, model_name: str, card: dict[str, Any], out_dir: Path) -> None:
+    """The adapted model folder: ``model.onnx`` (hard link, else copy), the files the card names beside it (from the
+    base model's published ``folder``, the one the engine read), and the adapted card, switched whole by one atomic
+    rename, as export publishes (readers never pair the adapted card with another folder's files)."""
     from pipeline.contracts.card import validate_card
-    from pipeline.fileio import atomic_outputs
+    from pipeline.fileio import atomic_directory, sha256_file
 
     validate_card(card, "the adapted model card")  # the one schema the engine reads
-    sources = [model, *(model.parent / n for n in _companions(card) if (model.parent / n).is_file())]
-    targets = [out_dir / "model.onnx", *(out_dir / s.name for s in sources[1:]), out_dir / "model_card.json"]
-    with atomic_outputs(*targets) as staged:
-        for src, dst in zip(sources, staged[:-1], strict=True):
+
+    sources = {"model.onnx": folder / model_name, **{n: folder / n for n in _companions(card)
+                                                     if (folder / n).is_file()}}
+    with atomic_directory(out_dir) as stage:
+        for name, src in sources.items():
             try:
-                os.link(src, dst)
+                os.link(src, stage / name)
+            except FileNotFoundError:
+                raise AdaptError(f"the base model folder {folder} was replaced while adapting (a new export); run "
+                                 "`detflow adapt` again") from None
             except OSError:
-                shutil.copyfile(src, dst)
-        staged[-1].write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+                shutil.copyfile(src, stage / name)
+        if sha256_file(stage / "model.onnx") != card.get("sha256"):
+            raise AdaptError(f"the base model in {folder} changed while adapting (a new export); run `detflow adapt` "
+                             "again")
+        (stage / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
 def adapt_model(model: Path, source: Path, out_dir: Path, *, pixel_size: float | None = None,
@@ -345,5 +353,6 @@ def adapt_model(model: Path, source: Path, out_dir: Path, *, pixel_size: float |
         "base_model": {"path": str(model), "sha256": card.get("sha256"), "version": card.get("version")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _publish(detector.model_path, {**card, "adaptation": adaptation}, out_dir)
+    _publish(detector.folder, Path(os.path.realpath(detector.model_path)).name, {**card, "adaptation": adaptation},
+             out_dir)
     return AdaptResult(out_dir, adaptation)

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pipeline.errors import AssetError
-from pipeline.fileio import atomic_directory, sha256_file, sha256_tree
+from pipeline.fileio import Write, atomic_directory, check_outputs, sha256_file, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +412,9 @@ def _copy_plain(src: Path, dst: Path) -> None:
 
 
 def _copy_into_raw(asset: Asset, src: Path, raw_dir: Path) -> Path:
+    # the mirror's copy must not lie inside the folder it replaces (or be it): it would be deleted
+    check_outputs([(f"mirror copy of {asset.name}", src)], [Write(f"asset folder of {asset.name}", raw_dir / asset.name,
+                                                                  "tree")])
     with atomic_directory(raw_dir / asset.name) as staging:
         if asset.kind == "file":
             _copy_plain(src, staging / PurePosixPath(asset.mirror_path).name)

@@ -71,17 +71,17 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("models/train", "data/prepared"),
     "export": ("models/train", "data/prepared", "reports/gate.json", "reports/metrics.json",
                "reports/train/summary.json"),
-    # the shift section of batch inference compares with the training embeddings export writes beside the model
-    "infer": ("models/model.onnx", "models/model_card.json", "models/embedding_reference.npy",
-              "models/embedding_reference_groups.npy", "data/prepared"),
+    # the published model folder (models/model.onnx etc. are links into it); the shift section of batch inference
+    # compares with the training embeddings export writes there beside the model
+    "infer": ("models/current", "data/prepared"),
     # `detflow evaluate --external`: the exported model, and the internal scores it is compared with. The sets
     # themselves are the `external` param (see NOT_DEPS).
-    "external": ("models/model.onnx", "models/model_card.json", "reports/metrics.json"),
+    "external": ("models/current", "reports/metrics.json"),
     # `detflow report`: every result it shows (the run's params come from models/train/params.yaml)
     "report": ("data/prepared", "reports/data_validation.json", "models/train", "reports/train/transfer.json",
                "reports/train/summary.json", "reports/train/results.csv", "reports/metrics.json", "reports/gate.json",
                "reports/eval/statistics.json", "reports/plots/pr", "reports/plots/confusion.json",
-               "models/model.onnx", "models/model_card.json", "reports/parity.json", "reports/shift.json",
+               "models/current", "reports/parity.json", "reports/shift.json",
                "reports/external", "reports/generalisation.json"),
 }
 

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or an infinity in params (`--set data.window=[nan,400]`) fails here, before any
+    # work, instead of turning every computation it feeds into NaN (issue 20: numbers at their extremes)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _not_blank(value: str, name: str, expected: str) -> str:
@@ -72,6 +74,7 @@ class DataParams(_Section):
     format: Literal["auto", "dicom_csv", "voc", "coco", "yolo"] = "auto"
     classes: list[str] | None = None
     window: Literal["auto"] | tuple[float, float] = "auto"
+    allow_outside_root: bool = False  # read files a dataset names outside its own folder (README: data rules)
 
     @field_validator("source")
     @classmethod
@@ -251,7 +254,7 @@ class BaseExportParams(_Section):
     """``export``: the settings of every family here; each family's own, under ``export.<family>``, are mappings
     at this tier (typed with their defaults by :mod:`pipeline.config`)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     parity_iou: float = Field(0.9, gt=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=10_000)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -203,8 +204,16 @@ def register(onnx: str | os.PathLike[str], card: str | os.PathLike[str], metrics
         raise RegistryError(f"cannot register: missing {', '.join(missing)}; run the export stage first")
     # optional companions of the model: the shift test's reference sample and the run report (served by the service)
     files.update({name: Path(onnx).parent / name for name in OPTIONAL_FILES if (Path(onnx).parent / name).is_file()})
-    sha = sha256_file(files["model.onnx"])
-    card_doc = _read_json(files["model_card.json"])
+    # the model, its card and the arrays beside it, read as one publication (one handle of the folder the model
+    # lies in, links resolved): a concurrent export cannot make this version pair a new model with an old card
+    release = _read_published(Path(onnx), Path(card))
+    sha = hashlib.sha256(release["model.onnx"]).hexdigest()
+    try:
+        card_doc = json.loads(release["model_card.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RegistryError(f"cannot register: {files['model_card.json']} is not valid JSON ({e})") from None
+    if not isinstance(card_doc, dict):
+        raise RegistryError(f"cannot register: {files['model_card.json']} must hold a JSON object")
     if card_doc.get("sha256") not in (None, sha):
         raise RegistryError(f"cannot register: {files['model_card.json']} describes sha256 {card_doc['sha256']}, "
                             f"but {files['model.onnx']} has sha256 {sha}; re-run the export stage")
@@ -221,7 +230,10 @@ def register(onnx: str | os.PathLike[str], card: str | os.PathLike[str], metrics
         staging = private_workdir(root, "version")  # the umask's modes: the serving user reads versions too
         try:
             for name, src in files.items():
-                shutil.copyfile(src, staging / name)
+                if name in release:
+                    (staging / name).write_bytes(release[name])
+                else:
+                    shutil.copyfile(src, staging / name)
             if sha256_file(staging / "model.onnx") != sha:  # the source changed or the disk failed mid-copy
                 raise RegistryError(f"cannot register: {files['model.onnx']} changed while it was being copied")
             existing = _versions_on_disk(root)
@@ -251,6 +263,37 @@ def register(onnx: str | os.PathLike[str], card: str | os.PathLike[str], metrics
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version
+
+
+def _read_published(onnx: Path, card: Path) -> dict[str, bytes]:
+    """name -> bytes of the model, its card (when it lies beside the model) and the ``.npy`` files beside it, all
+    from one publication (:func:`pipeline.fileio.read_release`)."""
+    from pipeline.fileio import TornRelease, read_release
+
+    name = Path(os.path.realpath(onnx)).name
+    beside = Path(os.path.realpath(card)) == Path(os.path.realpath(onnx)).with_name(Path(os.path.realpath(card)).name)
+    card_name = Path(os.path.realpath(card)).name
+
+    def check(files: dict[str, bytes | None]) -> None:
+        if files.get(name) is None or (beside and files.get(card_name) is None):
+            raise TornRelease(f"{onnx.parent} lacks the model or its card")
+        if beside:
+            try:
+                described = json.loads(files[card_name] or b"{}").get("sha256")
+            except (ValueError, AttributeError):
+                return  # a damaged card: reported by the caller
+            if described is not None and described != hashlib.sha256(files[name] or b"").hexdigest():
+                raise TornRelease("the model and its card are from different exports")
+
+    names = [name, *([card_name] if beside else []), *(n for n in OPTIONAL_FILES if n.endswith(".npy"))]
+    try:
+        _, got = read_release(onnx, names, check=check)
+    except TornRelease:
+        _, got = read_release(onnx, names)  # a lasting mismatch: reported by the caller's sha256 check
+    out = {"model.onnx": got[name] or b"", "model_card.json": got[card_name] if beside and got[card_name] is not None
+           else card.read_bytes()}
+    out.update({n: b for n, b in got.items() if n.endswith(".npy") and b is not None})
+    return out
 
 
 def _verify(root: Path, version: str) -> dict[str, Any]:

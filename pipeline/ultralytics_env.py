@@ -15,8 +15,11 @@ under ``dvc repro``):
 - ``ROOT/matplotlib/``: Matplotlib's config and font cache (``MPLCONFIGDIR``).
 
 ``YOLO_OFFLINE=1`` (no DNS probe, so no telemetry or crash reports either), ``YOLO_AUTOINSTALL=0`` (no pip installs
-at run time), ``YOLO_VERBOSE=0`` (Ultralytics logs warnings only: detflow draws its own progress) and
-``DVC_NO_ANALYTICS=1`` complete the set. Integrations that would write elsewhere or sync (DVC, MLflow, Comet, ...)
+at run time), ``YOLO_VERBOSE=0`` (Ultralytics logs warnings only: detflow draws its own progress),
+``DVC_NO_ANALYTICS=1``, ``ORT_DISABLE_TELEMETRY=1`` (onnxruntime, which Ultralytics' exporter and onnxslim may import
+before detflow's engine does, writes a device id and a database under ``~/.cache`` otherwise) and
+``PREFECT_HOME=ROOT/prefect`` (Prefect's settings, database and logs, ``~/.prefect`` otherwise) complete the set.
+Integrations that would write elsewhere or sync (DVC, MLflow, Comet, ...)
 are switched off in the settings. A variable already set by the user wins; torch's hub cache (``TORCH_HOME``) is
 left alone, since it is a documented source of Faster R-CNN's COCO weights and is written only by a download.
 """
@@ -57,6 +60,8 @@ def configure_environment(root: Path | None = None) -> dict[str, str]:
         "YOLO_VERBOSE": "0",
         "MPLCONFIGDIR": str(base / "matplotlib"),
         "DVC_NO_ANALYTICS": "1",
+        "ORT_DISABLE_TELEMETRY": "1",
+        "PREFECT_HOME": str(base / "prefect"),
     }
     global _configured
     if "ultralytics" in sys.modules and not _configured:

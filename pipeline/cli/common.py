@@ -51,6 +51,14 @@ def _outputs_checked(params: object, folders: Outputs | None, files: Outputs | N
     return params
 
 
+def check_io(reads: list[tuple[str, Path]], writes: list) -> None:  # noqa: ANN001 - fileio.Write, imported lazily
+    """Every output checked against every input and against each other before any work: nothing a command did not
+    create is overwritten, deleted or written into (:func:`pipeline.fileio.check_outputs`)."""
+    from pipeline.fileio import check_outputs
+
+    check_outputs(reads, writes)
+
+
 def progress_on(quiet: bool) -> bool:
     return not quiet and os.environ.get("DETFLOW_NO_PROGRESS", "") in ("", "0")
 

@@ -16,6 +16,7 @@ from pipeline.cli.common import (
     QuietOpt,
     RawDirOpt,
     SetOpt,
+    check_io,
     data_params,
     progress_on,
 )
@@ -30,8 +31,10 @@ def phantom(
 ) -> None:
     """Write the synthetic chest-CT phantom (DICOM + box CSV), deterministic for its params."""
     from pipeline.data.phantom import generate_phantom
+    from pipeline.fileio import Write
 
     p = data_params(params, set_, folders={out: "output folder"})
+    check_io([("params file", params)], [Write("phantom folder", out, "tree", ours="boxes.csv")])
     summary = generate_phantom(p.phantom, out, progress=progress_on(quiet))
     typer.echo(f"phantom: {summary.n_patients} patients, {summary.n_slices} slices "
                f"({summary.n_empty_slices} without nodules), {summary.n_boxes} boxes -> {out}")

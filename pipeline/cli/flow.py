@@ -26,6 +26,10 @@ def flow_run(
     if not repo.is_dir():
         raise DetflowError(f"repository checkout {repo} is not a folder")
     model_params(repo / "params.yaml", set_)  # bad params or overrides fail here, before a Prefect server starts
+    from pipeline.ultralytics_env import configure_environment
+
+    env = configure_environment()  # before Prefect is imported: its home (settings, database) in .detflow/, not ~
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect's sqlite cannot create a missing folder
     from flows.training import start_local_server, training_pipeline
 
     start_local_server()  # patient on a cold first start (new database); one clear line if it cannot start

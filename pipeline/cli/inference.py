@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import OnnxModelOpt, ProvidersOpt, QuietOpt, progress_on, threshold_option, writable
+from pipeline.cli.common import (
+    OnnxModelOpt,
+    ProvidersOpt,
+    QuietOpt,
+    check_io,
+    progress_on,
+    threshold_option,
+    writable,
+)
 from pipeline.errors import DetflowError
 
 app = typer.Typer()
@@ -32,10 +40,13 @@ def adapt(
     """Adapt a model to a new site without labels: known pixel size first, else the input scale whose predicted
     object sizes match the training objects'. Writes a model folder that infer, serve and evaluate use as is."""
     from pipeline.adapt import adapt_model
+    from pipeline.fileio import Write
 
     if not source.exists():
         raise DetflowError(f"adapt source {source} does not exist")
     writable(out, "adapted model folder")
+    check_io([("source", source), ("model", model), ("model card", model.with_name("model_card.json"))],
+             [Write("adapted model folder", out, "tree", ours="model_card.json")])
     result = adapt_model(model, source, out, pixel_size=pixel_size, train_pixel_size=train_pixel_size, conf=conf,
                          max_images=max_images)
     a = result.adaptation
@@ -61,11 +72,16 @@ def infer(
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
-    from pipeline.infer.batch import collect_sources, run_batch
+    from pipeline.fileio import Write
+    from pipeline.infer.batch import collect_sources, run_batch, source_folders
     from pipeline.infer.engine import OnnxDetector, plan_workers
 
     items = collect_sources(source)  # a bad source or output folder fails here, before the model loads
     writable(out, "output folder")
+    check_io([("source", source), ("model", model), *(("dataset folder", f) for f in source_folders(source)),
+              *((f"input {name}", path) for name, _, path in items)],
+             [*(Write("output", out / n) for n in ("predictions.json", "infer_errors.json", "shift.json")),
+              *([Write("rendered images folder", out / "rendered", "into")] if render else [])])
     workers, threads = plan_workers(workers)
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
@@ -106,7 +122,8 @@ def shift(
 ) -> None:
     """Do SOURCE's images come from another site than the training data? MMD permutation test of the model's
     embeddings against the training reference; writes shift.json and a 2-D picture of both samples."""
-    from pipeline.infer.batch import collect_sources, run_shift
+    from pipeline.fileio import Write
+    from pipeline.infer.batch import collect_sources, run_shift, source_folders
     from pipeline.infer.engine import OnnxDetector, plan_workers
     from pipeline.shift import ShiftError, plot_projection
 
@@ -114,6 +131,9 @@ def shift(
     if not items:
         raise DetflowError(f"no images in {source}: the shift test needs at least 8 (64 recommended)")
     writable(out, "output folder")
+    check_io([("source", source), ("model", model), *(("dataset folder", f) for f in source_folders(source)),
+              *((f"input {name}", path) for name, _, path in items)],
+             [Write("output", out / "shift.json"), Write("output", out / "shift_projection.png")])
     workers, threads = plan_workers(0)
     detector = OnnxDetector(model, providers=providers, threads=threads)
     run = run_shift(detector, items, out, source=str(source), alpha=alpha, n_permutations=permutations,

@@ -14,6 +14,7 @@ from pipeline.cli.common import (
     QuietOpt,
     RawDirOpt,
     SetOpt,
+    check_io,
     model_params,
     progress_on,
 )
@@ -32,10 +33,21 @@ def train(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a detector (a YOLO or torchvision model) from COCO weights with the configured strategy."""
+    from pipeline.fileio import Write
     from pipeline.train.runs import default_workdir
     from pipeline.train.stage import train_model
 
     p = model_params(params, set_, folders={out: "weights folder", reports: "reports folder"})
+    pretrained = Path(p.train.pretrained)
+    check_io([("prepared dataset", data), ("params file", params),
+              *([("pretrained weights", pretrained)] if pretrained.suffix and pretrained.exists() else [])],
+             [*(Write("weights file", out / n) for n in ("best.pt", "last.pt", "params.yaml")),
+              *(Write("training report", reports / n) for n in ("transfer.json", "summary.json", "metrics.json",
+                                                                "results.csv")),
+              # replaced whole: only folders an earlier `detflow train` wrote (DVCLive's metrics.json, the curves;
+              # under `dvc repro` DVC has deleted its outs inside them already, these files stay)
+              Write("training live folder", reports / "live", "tree", ours="metrics.json"),
+              Write("training figures folder", reports / "figures", "tree", ours="training_curves.png")])
     result = train_model(p, data, out, reports, default_workdir(), raw_dir=raw_dir, mirrors=mirror, trust=trust,
                          progress=progress_on(quiet))
     t = result.transfer
@@ -70,8 +82,10 @@ def evaluate(
     external sets (another site's labelled data) next to the internal test split."""
     from pipeline.evaluate.external import GeneralisationResult, run_evaluate
     from pipeline.evaluate.gate import gate_table
+    from pipeline.fileio import Write
 
     p = model_params(params, set_, folders={reports: "reports folder"})
+    check_io([("model", model), ("dataset", data), ("params file", params)], [Write("reports folder", reports, "into")])
     result = run_evaluate(p, model, data, reports, external=external, fmt=format_, class_map=class_map, name=name,
                           raw_dir=raw_dir, mirrors=mirror, progress=progress_on(quiet))
     if isinstance(result, GeneralisationResult):
@@ -104,9 +118,12 @@ def export(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 ) -> None:
     """Export to ONNX after a passed gate; measure PyTorch/ONNX parity; write the model card."""
-    from pipeline.export import export_model
+    from pipeline.export import export_model, published_outputs
 
     p = model_params(params, set_, folders={out: "model folder", reports: "reports folder"})
+    check_io([("model", model), ("prepared dataset", data), ("params file", params),
+              *((f"evaluation input {n}", reports / n) for n in ("gate.json", "metrics.json", "train/summary.json"))],
+             published_outputs(out, reports))
     result = export_model(p, model, data, reports, out)
     q = result.parity
     typer.echo(f"export: {result.model} (sha256 {result.card['sha256'][:12]}, opset {result.card['opset']}); parity "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.common import ParamsOpt, PhantomDirOpt, PreparedOpt, RawDirOpt, SetOpt, model_params
+from pipeline.cli.common import ParamsOpt, PhantomDirOpt, PreparedOpt, RawDirOpt, SetOpt, check_io, model_params
 
 app = typer.Typer()
 
@@ -33,10 +33,17 @@ def report(
 ) -> None:
     """Write the run report: one HTML page (verdict, data, transfer, evaluation, generalisation, deployment,
     provenance) that opens offline. Renders after a failed gate too; missing inputs are named in the page."""
+    from pipeline.fileio import Write
     from pipeline.report import ReportInputs, write_report
     from pipeline.report.collect import default_source
 
     p = model_params(params, set_, files={out: "report", **({model_copy: "report copy"} if model_copy else {})})
+    read_files = [*(reports / n for n in ("metrics.json", "gate.json", "parity.json", "data_validation.json",
+                                         "shift.json", "generalisation.json")),
+                  models / "model.onnx", models / "model_card.json", lock, bench, params]
+    check_io([("prepared dataset", data), *(("input", f) for f in read_files),
+              *([("source dataset", source)] if source is not None else [])],
+             [Write("report", out), *([Write("report copy", model_copy)] if model_copy is not None else [])])
     inputs = ReportInputs(reports=reports, data=data, models=models, lock=lock, bench=bench, params=params,
                           overrides=tuple(set_ or ()),
                           source=source if source is not None else default_source(p, raw_dir, phantom_dir))

@@ -141,17 +141,23 @@ def validate_card(doc: Any, where: str = "model card") -> ModelCard:
     return ModelCard.model_validate(doc)
 
 
-def read_card(path: Path) -> tuple[dict[str, Any], ModelCard]:
-    """The card file as its JSON object and as the typed card; :class:`CardError` with one line when it cannot be
-    read, is not JSON, or is not a model card. Permission and I/O errors are the caller's (``OSError``)."""
-    where = f"model card {path}"
-    if not path.is_file():
-        raise CardError(f"{where} not found next to the model; export writes both")
+def parse_card(data: bytes, where: str = "model card") -> tuple[dict[str, Any], ModelCard]:
+    """Card bytes as the JSON object and as the typed card; :class:`CardError` with one line when they are not JSON
+    or not a model card."""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         at = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
         raise CardError(f"{where} is not valid JSON{at}; re-export the model") from None
     if not isinstance(doc, dict):
         raise CardError(f"{where} is not a JSON object: it holds a JSON {type(doc).__name__}; re-export the model")
     return doc, validate_card(doc, where)
+
+
+def read_card(path: Path) -> tuple[dict[str, Any], ModelCard]:
+    """The card file as its JSON object and as the typed card; :class:`CardError` with one line when it cannot be
+    read, is not JSON, or is not a model card. Permission and I/O errors are the caller's (``OSError``)."""
+    where = f"model card {path}"
+    if not path.is_file():
+        raise CardError(f"{where} not found next to the model; export writes both")
+    return parse_card(path.read_bytes(), where)

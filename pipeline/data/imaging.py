@@ -90,18 +90,35 @@ def pixel_spacing_of(rgb: np.ndarray) -> float | None:
     return getattr(rgb, "pixel_spacing", None)
 
 
-def dicom_pixel_spacing(ds: object) -> float | None:
+SPACING_RANGE = (1e-6, 1e6)
+"""Plausible pixel spacings in mm (1 nm to 1 km per pixel): anything else in a header is a broken value, not a
+scanner, and would reach the letterbox as 0 or infinity."""
+
+
+def dicom_pixel_spacing(ds: object, notes: list[tuple[str, str]] | None = None) -> float | None:
     """One spacing in mm per pixel from ``PixelSpacing`` (else ``ImagerPixelSpacing``): the geometric mean of the
     row and column spacing (the area-preserving value; the letterbox keeps the aspect ratio, so an anisotropic
-    pixel cannot be corrected by it). None when absent or not two positive numbers."""
+    pixel cannot be corrected by it). None when absent or not two positive numbers.
+
+    Checked after the arithmetic: ``sqrt(1e200 x 1e200)`` overflows to infinity and ``sqrt(1e-200 x 1e-200)`` to
+    0, so the product is never formed and the result must lie in :data:`SPACING_RANGE`; a value that does not is
+    ignored and, with ``notes``, recorded (``implausible_value``)."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
         value = getattr(ds, tag, None)
         try:
             rows, cols = (float(v) for v in value)  # type: ignore[union-attr]
         except (TypeError, ValueError):
             continue
-        if rows > 0 and cols > 0 and np.isfinite(rows) and np.isfinite(cols):
-            return float(np.sqrt(rows * cols))
+        if not (rows > 0 and cols > 0):  # NaN fails this too
+            if notes is not None:
+                notes.append(("implausible_value", f"{tag} {rows:g} x {cols:g} is not two positive numbers; ignored"))
+            continue
+        spacing = float(np.sqrt(rows) * np.sqrt(cols))
+        if np.isfinite(spacing) and SPACING_RANGE[0] <= spacing <= SPACING_RANGE[1]:
+            return spacing
+        if notes is not None:
+            notes.append(("implausible_value", f"{tag} {rows:g} x {cols:g} gives a spacing of {spacing:g} mm, outside "
+                          f"[{SPACING_RANGE[0]:g}, {SPACING_RANGE[1]:g}]; ignored (the image is kept without one)"))
     return None
 
 
@@ -129,13 +146,24 @@ def _first(value: object) -> float:
 def window_to_uint8(values: np.ndarray, center: float, width: float, invert: bool = False) -> np.ndarray:
     """Linear window (DICOM PS3.3 C.11.2.1.2 without the -0.5 offsets) to 0..255."""
     lo = center - width / 2.0
-    scaled = (values.astype(np.float32) - lo) * (255.0 / max(width, 1e-6))
+    with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow saturates to 0 / 255, as it should
+        scaled = (values.astype(np.float32) - lo) * (255.0 / max(width, 1e-6))
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return 255 - out if invert else out
 
 
-def dicom_to_rgb(ds: object, window: tuple[float, float] | None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Apply rescale (modality LUT), a window (given, else the file's, else min-max) and MONOCHROME1 inversion."""
+def _usable_window(center: float, width: float) -> bool:
+    """A window the arithmetic can use: finite centre, finite positive width, finite edges."""
+    return bool(np.isfinite([center, width, center - width / 2.0, center + width / 2.0]).all() and width > 0)
+
+
+def dicom_to_rgb(ds: object, window: tuple[float, float] | None,
+                 notes: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Apply rescale (modality LUT), a window (given, else the file's, else min-max) and MONOCHROME1 inversion.
+
+    Every number is checked after the arithmetic it feeds: rescaled values must be finite (a RescaleSlope of 1e308
+    overflows; such a file is corrupt), a window from the file's tags that is not finite and positive is ignored
+    (min-max instead, recorded in ``notes``)."""
     from pydicom.pixels import apply_modality_lut
 
     arr = ds.pixel_array  # type: ignore[attr-defined]
@@ -153,14 +181,28 @@ def dicom_to_rgb(ds: object, window: tuple[float, float] | None) -> tuple[np.nda
     if arr.ndim != 2:
         raise ImageLoadError("dicom_multiframe", f"multi-frame DICOM ({arr.shape[0]} frames) is not supported; "
                              "export single frames")
-    values = apply_modality_lut(arr, ds)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if not np.isfinite(values).all():
+        slope, intercept = getattr(ds, "RescaleSlope", 1), getattr(ds, "RescaleIntercept", 0)
+        raise ImageLoadError("corrupt_dicom", "RescaleSlope/RescaleIntercept give pixel values that are not finite "
+                             f"(slope {slope}, intercept {intercept})")
     if window is None:
         wc, ww = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-        if wc is not None and ww is not None and _first(ww) > 0:
-            window = (_first(wc), _first(ww))
+        try:
+            tags = (_first(wc), _first(ww)) if wc is not None and ww is not None else None
+        except (TypeError, ValueError, IndexError):
+            tags = None
+        if tags is not None and _usable_window(*tags):
+            window = tags
         else:
+            if tags is not None and notes is not None and not (np.isfinite(tags).all() and tags[1] <= 0):
+                notes.append(("implausible_value", f"WindowCenter/WindowWidth {tags[0]:g}/{tags[1]:g} cannot be "
+                              "used; the pixel range (min-max) is the window instead"))
             lo, hi = float(np.min(values)), float(np.max(values))
             window = ((lo + hi) / 2.0, max(hi - lo, 1.0))
+            if not _usable_window(*window):
+                raise ImageLoadError("corrupt_dicom", f"the pixel values span {lo:g}..{hi:g}: no finite window")
     gray = window_to_uint8(values, window[0], window[1], invert=photometric == "MONOCHROME1")
     return np.repeat(gray[:, :, None], 3, axis=2), (float(window[0]), float(window[1]))
 
@@ -183,7 +225,8 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rgb, used = dicom_to_rgb(ds, window)
+            notes: list[tuple[str, str]] = []
+            rgb, used = dicom_to_rgb(ds, window, notes)
     except ImageLoadError:
         raise
     except Exception as e:  # pydicom raises several types for missing decoders and short pixel data
@@ -194,8 +237,8 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
                 f"(e.g. pylibjpeg or gdcm): {str(e).splitlines()[0]}",
             ) from None
         raise ImageLoadError("corrupt_dicom", f"pixel data cannot be read: {str(e).splitlines()[0]}") from None
-    spacing = dicom_pixel_spacing(ds)
-    return LoadedImage(rgb=with_spacing(rgb, spacing), conversions=[], window=used, pixel_spacing=spacing)
+    spacing = dicom_pixel_spacing(ds, notes)
+    return LoadedImage(rgb=with_spacing(rgb, spacing), conversions=notes, window=used, pixel_spacing=spacing)
 
 
 def _complete_stream(data: bytes, fmt: str | None) -> bool:
@@ -203,6 +246,10 @@ def _complete_stream(data: bytes, fmt: str | None) -> bool:
     if fmt == "JPEG":
         return data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
     return fmt == "PNG" and data[-12:-4] == b"\x00\x00\x00\x00IEND"
+
+
+OPENCV_MAX_SIDE = 1_000_000
+"""OpenCV's libpng refuses wider images ("Image width exceeds user limit", printed on stderr): those go to Pillow."""
 
 
 def _fast_rgb(data: bytes, im: Image.Image) -> np.ndarray | None:
@@ -213,7 +260,7 @@ def _fast_rgb(data: bytes, im: Image.Image) -> np.ndarray | None:
     it with :func:`apply_orientation`, the same code as the Pillow path, so both paths give identical upright
     pixels. Only for files that end properly, so a truncated upload still goes through Pillow and gets its error.
     """
-    if im.mode != "RGB" or not _complete_stream(data, im.format):
+    if im.mode != "RGB" or not _complete_stream(data, im.format) or max(im.size) > OPENCV_MAX_SIDE:
         return None
     import cv2
 
@@ -226,22 +273,56 @@ def _fast_rgb(data: bytes, im: Image.Image) -> np.ndarray | None:
 def exif_orientation(im: Image.Image) -> int:
     """The EXIF Orientation (1..8) of an opened image, 1 when absent or invalid.
 
-    Reads only the EXIF block found while opening (JPEG APP1, PNG eXIf before IDAT, TIFF tags), never the pixels.
+    Read through Pillow's ``getexif``, the one reader that knows every container an orientation can live in (and
+    what ``ImageOps.exif_transpose`` and Ultralytics use): JPEG APP1, PNG ``eXIf`` before *or after* the image data
+    (the latter only after the pixels are read, so a PNG without an early EXIF block is decoded here), ImageMagick's
+    "Raw profile type exif" text chunk, TIFF tags, WebP EXIF, and XMP ``tiff:Orientation``.
     """
     try:
-        if im.format == "TIFF":
-            value = im.getexif().get(EXIF_ORIENTATION, 1)
-        else:
-            raw = im.info.get("exif")
-            if not raw:
-                return 1
-            exif = Image.Exif()
-            exif.load(raw)
-            value = exif.get(EXIF_ORIENTATION, 1)
-        value = int(value)
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a damaged EXIF block means "no orientation", as in every viewer
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def _png_late_metadata(data: bytes) -> bool:
+    """True when a PNG carries an EXIF or text chunk after its image data, where Pillow finds it only once the
+    pixels are read (an ``eXIf`` after ``IDAT`` is legal, and some writers put it there). Walks the chunk headers
+    only."""
+    pos, seen_idat = 8, False
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            seen_idat = True
+        elif seen_idat and kind in (b"eXIf", b"zTXt", b"tEXt", b"iTXt"):
+            return True
+        elif kind == b"IEND":
+            return False
+        pos += 12 + length
+    return False
+
+
+def file_orientation(im: Image.Image, data: bytes | None = None) -> int:
+    """The orientation the file asks for (turns its stored pixels upright), from any container: see
+    :func:`exif_orientation`. A PNG whose EXIF may come after the image data is read (``data``: its bytes) first."""
+    if im.format == "PNG" and data is not None and "exif" not in im.info and _png_late_metadata(data):
+        im.load()
+    return exif_orientation(im)
+
+
+def decoder_turns(im: Image.Image) -> bool:
+    """True when Pillow's own decoder already returns this image upright (its TIFF reader applies the Orientation
+    tag and reports the upright size at open), so the orientation must not be applied a second time."""
+    return im.format == "TIFF"
+
+
+def upright_size(im: Image.Image, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) of the image upright, without decoding it where the container allows."""
+    width, height = im.size
+    if decoder_turns(im):
+        return width, height
+    return (height, width) if file_orientation(im, data) >= 5 else (width, height)
 
 
 def apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -300,11 +381,12 @@ def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int
                 raise ImageLoadError(
                     "image_too_large", f"{im.width}x{im.height} exceeds the limit of {max_pixels} pixels"
                 )
-            orientation = exif_orientation(im)
-            if not keep_encoded and (rgb := _fast_rgb(data, im)) is not None:
+            orientation = file_orientation(im, data)  # what turns the stored pixels upright
+            if not keep_encoded and im.format in ("JPEG", "PNG") and (rgb := _fast_rgb(data, im)) is not None:
                 return LoadedImage(rgb=apply_orientation(rgb, orientation), conversions=[], encoded=None,
                                    suffix=".png", orientation=orientation)
             im.load()
+            pending = 1 if decoder_turns(im) else orientation  # what is left for us to apply
     except ImageLoadError:
         raise
     except (UnidentifiedImageError, ImportError):
@@ -335,7 +417,9 @@ def load_raster(source: Path | bytes, keep_encoded: bool = True, max_pixels: int
         rgb = np.asarray(im.convert("RGB"))
     if orientation != 1:
         stored_w, stored_h = int(rgb.shape[1]), int(rgb.shape[0])
-        rgb = apply_orientation(rgb, orientation)
+        if pending == 1 and orientation >= 5:  # turned by the decoder: the stored frame is the transposed one
+            stored_w, stored_h = stored_h, stored_w
+        rgb = apply_orientation(rgb, pending)
         conversions.append(("exif_orientation", f"EXIF Orientation={orientation}: {stored_w}x{stored_h} stored pixels "
                             f"turned upright ({rgb.shape[1]}x{rgb.shape[0]}) and re-encoded without the tag"))
     keep = keep_encoded and not conversions and fmt in ("JPEG", "PNG")

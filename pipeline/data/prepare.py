@@ -26,7 +26,7 @@ from pipeline.data.records import PROBLEM_KINDS, Problem, Sample
 from pipeline.data.split import SPLITS, assert_no_leakage, pseudonymise, split_by_patient
 from pipeline.data.validate import validate_boxes
 from pipeline.errors import DataError
-from pipeline.fileio import atomic_outputs, atomic_write_json, recover_outputs
+from pipeline.fileio import Write, atomic_outputs, atomic_write_text, check_outputs, recover_outputs
 from pipeline.params import BaseParams as Params
 
 # Known sources: where they come from, their format and their class order (the model's class indices).
@@ -81,13 +81,47 @@ def resolve_source(params: Params, raw_dir: Path, mirrors: list[Path] | None, ph
     return path, params.data.format, {"source": str(path)}
 
 
-def _unique_name(base: str, taken: set[str], key: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base) or "image"
-    name = base
-    if name in taken:
-        name = f"{base}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-    taken.add(name)
-    return name
+MAX_NAME = 120
+"""Longest stem prepare writes: with a collision suffix (9), the pseudonym prefix (14) and ``.png`` it stays far
+below the 255-byte file-name limit of every common file system."""
+
+
+def _unique_name(base: str, taken: set[str], key: str) -> tuple[str, list[str]]:
+    """A file stem every tool downstream loads, and why it differs from ``base`` (empty: it does not).
+
+    Ultralytics lists images with ``glob('**/*.*')``, which skips names starting with a dot; a name must also fit
+    the file system once suffixed and stay unique where case does not count (macOS, Windows). So: characters
+    ``[A-Za-z0-9._-]``, starting with a letter or digit, not ending with a dot, at most :data:`MAX_NAME`, unique
+    ignoring case (else a short hash of the source path is appended)."""
+    why = []
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+    if name != base:
+        why.append("characters other than A-Z a-z 0-9 . _ - replaced")
+    stripped = name.lstrip("._-").rstrip(".")
+    if stripped != name:
+        why.append("leading dots/dashes or trailing dots removed (a leading dot hides the file from Ultralytics)")
+    name = stripped or "image"
+    if len(name) > MAX_NAME:
+        name = name[:MAX_NAME].rstrip(".")
+        why.append(f"shortened to {MAX_NAME} characters")
+    if name.casefold() in taken:
+        name = f"{name}_{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        why.append("another image already has this name (case ignored)")
+    taken.add(name.casefold())
+    return name, why
+
+
+def shown(text: str) -> str:
+    """A path or message as valid UTF-8 text: bytes of a file name that are not UTF-8 become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def pixel_digest(rgb: np.ndarray) -> str:
+    """An image's identity: the sha256 of its decoded, upright RGB pixels and their shape, so a lossless re-save
+    (another compression, container, metadata, an EXIF turn) is the same image and any changed pixel is not."""
+    h = hashlib.sha256(f"{rgb.shape[0]}x{rgb.shape[1]}x{rgb.shape[2] if rgb.ndim == 3 else 1}:".encode())
+    h.update(np.ascontiguousarray(rgb).tobytes())
+    return h.hexdigest()
 
 
 class _Redactor:
@@ -197,10 +231,12 @@ def prepare_dataset(
     When the stage fails on the data (nothing usable, too many quarantined) the report is still written, with
     ``status: failed`` and no ``manifest_sha256``, and the previous dataset (if any) is left as it was.
     """
-    recover_outputs(out_dir, report_path)  # finish or undo what a killed run left
     root, fmt, provenance = resolve_source(params, raw_dir, mirrors, phantom_dir)
+    check_outputs([("dataset", root)], [Write("prepared dataset folder", out_dir, "tree", ours="prepare_info.json"),
+                                        Write("validation report", report_path)])
+    recover_outputs(out_dir, report_path)  # finish or undo what a killed run left
     builtin = BUILTIN_SOURCES.get(params.data.source)
-    read, fmt = read_dataset(root, fmt)
+    read, fmt = read_dataset(root, fmt, allow_outside_root=params.data.allow_outside_root)
     classes = _class_list(params, read, builtin)
     salt = params.prepare.pseudonym_salt
     redact = _Redactor(read.sensitive, salt)
@@ -218,7 +254,7 @@ def prepare_dataset(
             decoded[path] = result
     usable = [s for s in read.samples if s.image in decoded]
     canon = canonicalise(usable, {p: rel_of(p) for p in decoded},
-                         {p: hashlib.sha256(data).hexdigest() for p, (_, data) in decoded.items()})
+                         {p: pixel_digest(loaded.rgb) for p, (loaded, _) in decoded.items()})
     problems += canon.problems
 
     split_mode = params.prepare.split
@@ -242,7 +278,8 @@ def prepare_dataset(
         kept.append((sample, rel, loaded, data, boxes, cls))
 
     groups = [[rel_of(f) for f in g] for g in canon.groups]
-    patient_of = {rel: pseudonymise(s.patient if s.patient else f"image:{rel}", salt) for s, rel, *_ in kept}
+    patient_of = {rel: pseudonymise(s.patient if s.patient is not None else f"image:{rel}", salt)
+                  for s, rel, *_ in kept}
     if split_mode == "official":
         split_of_rel = {rel: str(s.official_split) for s, rel, *_ in kept}
         for rels in groups:
@@ -271,12 +308,16 @@ def prepare_dataset(
         base = Path(rel).stem
         if sample.source == "dicom_csv" or loaded.window is not None:  # DICOM names often carry patient IDs
             base = f"{patient_of[rel]}_{Path(redact(rel)).stem}"
-        name = _unique_name(redact(base), taken, rel)
+        name, why = _unique_name(redact(base), taken, rel)
+        suffix = loaded.suffix if loaded.encoded else ".png"
+        if why:
+            problems.append(Problem(rel, "renamed", f"written as images/{split_of_rel[rel]}/{name}{suffix}: "
+                                    + "; ".join(why), "fixed"))
         images.append(PreparedImage(name, split_of_rel[rel], patient_of[rel], data, loaded.suffix if loaded.encoded
                                     else ".png", loaded.width, loaded.height, boxes, cls, loaded.pixel_spacing))
 
     totals = _totals(read, problems, images)
-    problems = [p.with_text(redact(p.file), redact(p.detail)) for p in problems]
+    problems = [p.with_text(shown(redact(p.file)), shown(redact(p.detail))) for p in problems]
     n_bad, candidates = totals["images"]["quarantined"], totals["images"]["found"]
     bad_fraction = n_bad / max(candidates, 1)
     windows = sorted({tuple(round(v, 3) for v in k[2].window) for k in kept if k[2].window})
@@ -293,7 +334,7 @@ def prepare_dataset(
                   "dataset": f"not written; {out_dir} " + (f"still holds the previous dataset (manifest sha256 "
                                                            f"{previous})" if previous else "is absent"),
                   **report}
-        atomic_write_json(report_path, report)
+        atomic_write_text(report_path, _json(report, indent=2) + "\n")
         raise DataError(failure)
     info = {**provenance, "format": fmt, "classes": classes, "split_mode": split_mode,
             "dicom_window": ("params" if isinstance(params.data.window, tuple | list) else "file tags")
@@ -305,10 +346,16 @@ def prepare_dataset(
     with atomic_outputs(out_dir, report_path) as (stage, staged_report):
         stage.mkdir(mode=0o777)  # the umask applies: 0755 by default
         _write_dataset(stage, images, classes, {**info, "manifest_sha256": digest}, manifest)
-        staged_report.write_text(json.dumps(report, indent=2) + "\n")
+        staged_report.write_text(_json(report, indent=2) + "\n")
     return PrepareResult(out_dir=out_dir, report=report, n_images=len(images),
                          n_boxes=int(sum(len(i.boxes) for i in images)),
                          split_counts=dict(Counter(i.split for i in images)))
+
+
+def _json(obj: object, **kw: object) -> str:
+    """JSON as the standard has it: a non-finite number is a bug upstream (every value is checked after its
+    arithmetic), so it fails here instead of being written as ``Infinity`` / ``NaN`` that other readers reject."""
+    return json.dumps(obj, allow_nan=False, **kw)  # type: ignore[arg-type]
 
 
 def _spacing_summary(spacings: list[float | None]) -> dict | None:
@@ -438,7 +485,7 @@ def _write_dataset(stage: Path, images: list[PreparedImage], classes: list[str],
     (stage / "manifest.csv").write_text(manifest)
     (stage / "coco").mkdir()
     for split in SPLITS:
-        (stage / "coco" / f"{split}.json").write_text(json.dumps(_coco(images, classes, split)))
+        (stage / "coco" / f"{split}.json").write_text(_json(_coco(images, classes, split)))
     dataset = {  # no `path:` key: Ultralytics then resolves splits next to this file, wherever it is
         "train": "images/train", "val": "images/val", "test": "images/test",
         "nc": len(classes), "names": dict(enumerate(classes)),
@@ -446,4 +493,4 @@ def _write_dataset(stage: Path, images: list[PreparedImage], classes: list[str],
     (stage / "dataset.yaml").write_text(
         "# Written by `detflow prepare`; do not edit. Pass this file's absolute path to Ultralytics.\n"
         + yaml.safe_dump(dataset, sort_keys=False))
-    (stage / "prepare_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (stage / "prepare_info.json").write_text(_json(info, indent=2) + "\n")

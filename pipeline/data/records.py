@@ -100,4 +100,13 @@ PROBLEM_KINDS: dict[str, str] = {
     "unsupported_file": "file in the dataset folder that the format's reader does not use",
     "non_utf8_text": "annotation text file is not UTF-8; decoded as Windows-1252",
     "unreadable_dataset": "a dataset folder's annotations cannot be read at all; its images are left out",
+    "unreadable_entry": "an entry that cannot be read as a file (a folder named like one, a dangling link, a FIFO, "
+                        "no permission): recorded and skipped, the run goes on",
+    "hidden_file": "a hidden file or folder (.DS_Store, .git): skipped, not descended into",
+    "outside_dataset": "an image named or linked from outside the dataset folder (../, an absolute path, a link "
+                       "leaving it): not read unless data.allow_outside_root is true",
+    "renamed": "written under another name so the training tool loads it (hidden, characters, length, a name "
+               "taken)",
+    "implausible_value": "a number in a file header that is not finite or out of range after the arithmetic it "
+                         "feeds (e.g. PixelSpacing 1e200): ignored, the image kept without it",
 }

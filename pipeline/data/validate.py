@@ -25,7 +25,8 @@ def validate_boxes(
 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
     """Return kept boxes (float xyxy), their class indices, and a problem for each change.
 
-    Order of checks: class, degenerate extent, image bounds (clip within tolerance, else drop), duplicates.
+    Order of checks: finite coordinates (after the reader's arithmetic: ``x + w`` of two huge numbers is inf),
+    class, degenerate extent, image bounds (clip within tolerance, else drop), duplicates.
     Same-class pairs with IoU >= ``duplicate_iou`` are duplicates; pairs in
     ``[near_duplicate_iou, duplicate_iou)`` are near-duplicates (the same object annotated twice with a small
     shift, as in BCCD). Both drop the later box: keeping it would teach the model to emit duplicates and count
@@ -36,6 +37,10 @@ def validate_boxes(
     kept_boxes: list[np.ndarray] = []
     kept_cls: list[int] = []
     for box, label in zip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), labels, strict=True):
+        if not np.isfinite(box).all():
+            problems.append(Problem(file, "malformed_annotation", f"{label} box {_fmt(box)} has a coordinate that is "
+                                    "not a finite number", "box_dropped"))
+            continue
         if label not in index:
             problems.append(Problem(file, "unknown_class",
                                     f"label {label!r} not in classes {classes}; box {_fmt(box)}", "box_dropped"))

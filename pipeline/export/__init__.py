@@ -1,9 +1,13 @@
 """Export stage: ONNX model, parity report against PyTorch, model card. Published only when parity holds.
 
-``model.onnx``, ``model_card.json`` and ``embedding_reference.npy`` (validation-split embeddings for shift
-detection, its sha256 in the card) are published together (:func:`pipeline.fileio.atomic_outputs`): a kill at any
-point leaves the previous group or the new one (or a commit journal that the next export rolls forward first).
-``reports/parity.json`` reports the latest attempt, passed or failed; the card carries the published model's parity.
+A published model is one folder, ``models/current/`` (``model.onnx``, ``model_card.json``,
+``embedding_reference.npy`` and ``embedding_reference_groups.npy``: validation-split embeddings for shift detection
+and their patients, their sha256 in the card), switched by one atomic rename (a directory exchange,
+:func:`pipeline.fileio.atomic_directory`): at every instant ``models/current`` is the previous complete folder or
+the new one. ``models/model.onnx`` and the other names are links into it (``current/model.onnx``), so every path
+users and other stages know still works, and readers resolve them to the one folder and read it through one handle
+(:func:`pipeline.fileio.read_release`): a new model is never paired with an old card. ``reports/parity.json``
+reports the latest attempt, passed or failed; the card carries the published model's parity.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from pipeline.contracts.card import SCHEMA, validate_card
 from pipeline.errors import DataError, DetflowError
 from pipeline.families import FamilySpec
 from pipeline.fileio import (
-    atomic_outputs,
+    Write,
+    atomic_directory,
     atomic_write_json,
+    link_into_place,
     private_workdir,
     recover_outputs,
     remove_leftovers,
@@ -39,6 +45,10 @@ REFERENCE_FILE = "embedding_reference.npy"
 REFERENCE_GROUPS_FILE = "embedding_reference_groups.npy"
 REFERENCE_ROWS = 256  # enough for the MMD test's power at 64 target images, small next to the model (~0.5 MB)
 MIN_HELD_OUT = 32  # fewer validation images than this: the reference falls back to the training split (see below)
+RELEASE_DIR = "current"
+"""The published model folder under the export's ``--out`` (``models/current``)."""
+RELEASE_FILES = ("model.onnx", "model_card.json", REFERENCE_FILE, REFERENCE_GROUPS_FILE)
+"""What it holds; each is also reachable as ``models/<name>``, a link to ``current/<name>``."""
 
 
 class ParityFailed(DetflowError):
@@ -241,7 +251,10 @@ _LEGACY_FILES = {"best.pt", "best.onnx", "model.onnx", "model_card.json"}
 def recover_export(out_dir: Path, reports: Path | None = None) -> list[Path]:
     """Finish or undo what a killed export left: roll a committed model/card pair forward, remove staged files,
     scratch folders and report temporaries of dead runs. Returns what was removed."""
-    removed = recover_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE)
+    # the journal of versions that published the four files one by one (`.model.onnx.commit.json`), then ours
+    removed = recover_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE,
+                              out_dir / REFERENCE_GROUPS_FILE)
+    removed += recover_outputs(out_dir / RELEASE_DIR)
     removed += remove_leftovers(out_dir / "export")
     if reports is not None:
         removed += remove_leftovers(reports / "parity.json")
@@ -310,16 +323,39 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE,
                                              work / REFERENCE_GROUPS_FILE)
         validate_card(card, "the model card export built")  # the schema the engine and the service read
-        with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE,
-                            out_dir / REFERENCE_GROUPS_FILE) as (
-                model_staged, card_staged, reference_staged, groups_staged):
-            shutil.copyfile(onnx_path, model_staged)  # a new file: the umask's permissions (0644), not the work's
-            card_staged.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-            shutil.copyfile(work / REFERENCE_FILE, reference_staged)
-            shutil.copyfile(work / REFERENCE_GROUPS_FILE, groups_staged)
+        (work / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        publish_model(out_dir, {"model.onnx": onnx_path, "model_card.json": work / "model_card.json",
+                                **{name: work / name for name in (REFERENCE_FILE, REFERENCE_GROUPS_FILE)}})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_dir / "model.onnx", card, parity)
+
+
+def published_outputs(out_dir: Path, reports: Path) -> list[Write]:
+    """What `detflow export` writes (checked against its inputs before any work)."""
+    return [Write("published model folder", out_dir / RELEASE_DIR, "tree", ours="model_card.json"),
+            *(Write("model link", out_dir / name) for name in RELEASE_FILES),
+            Write("parity report", reports / "parity.json")]
+
+
+def publish_model(out_dir: Path, files: dict[str, Path]) -> Path:
+    """Publish ``files`` (name -> source) as the folder ``out_dir/current``, switched by one atomic rename, and
+    make ``out_dir/<name>`` links into it. Returns the folder.
+
+    A missing link is made first (it resolves once the folder is there, so no reader ever sees half a model); a
+    regular file left by an earlier version (the four files side by side) is replaced by its link after the switch,
+    the model first: a reader that follows ``model.onnx`` into the new folder finds the new card there."""
+    release = out_dir / RELEASE_DIR
+    for name in files:
+        link = out_dir / name
+        if not link.exists() and not link.is_symlink():
+            link_into_place(link, f"{RELEASE_DIR}/{name}")
+    with atomic_directory(release) as stage:
+        for name, src in files.items():
+            shutil.copyfile(src, stage / name)  # new files: the umask's permissions (0644), not the work folder's
+    for name in files:  # model.onnx first (dict order)
+        link_into_place(out_dir / name, f"{RELEASE_DIR}/{name}")
+    return release
 
 
 def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_path: Path,

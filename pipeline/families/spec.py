@@ -25,7 +25,7 @@ from pipeline.contracts.detections import Detections, LetterboxMeta
 class ExportSettings(BaseModel):
     """``export.<family>`` params. Every family exports ONNX at some opset and checks parity against PyTorch."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     opset: int
     max_map_delta: float

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.data.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, looks_like_dicom
+from pipeline.data.values import identifier, parse_json
 from pipeline.errors import DetflowError
 from pipeline.fileio import atomic_write_json
 from pipeline.infer.engine import EmbeddingsUnavailable, OnnxDetector
@@ -80,6 +81,16 @@ def _coco_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
         yield img["file_name"], img["id"], base / img["file_name"]
 
 
+def source_folders(source: Path) -> list[Path]:
+    """The folders a source reads its images from (a folder itself; a COCO file's dataset folder), which a run must
+    not write into; a single image or a file list names files only."""
+    if source.is_dir():
+        return [source]
+    if source.suffix == ".json":
+        return [source.parent.parent if source.parent.name == "coco" else source.parent]
+    return []
+
+
 def iter_sources(source: Path) -> Iterator[tuple[str, int | None, Path]]:
     """(display name, COCO image id or None, path) for every input the source names."""
     if not source.exists():
@@ -108,9 +119,8 @@ def source_groups(source: Path | None, items: list[Source]) -> list[str | None]:
     has no patient. A header that cannot be read leaves the image on its own (decoding reports the file)."""
     coco: dict[str, str] = {}
     if source is not None and source.is_file() and source.suffix == ".json":
-        images = json.loads(_read_text(source, "COCO dataset")).get("images") or []
-        coco = {img["file_name"]: str(pid) for img in images
-                if (pid := img.get("patient") or img.get("patient_id")) not in (None, "")}
+        images = parse_json(_read_text(source, "COCO dataset")).get("images") or []
+        coco = {img["file_name"]: pid for img in images if (pid := _patient(img)) is not None}
     groups: list[str | None] = []
     for name, _, path in items:
         if name in coco:
@@ -122,6 +132,19 @@ def source_groups(source: Path | None, items: list[Source]) -> list[str | None]:
         else:
             groups.append(None)
     return groups
+
+
+def _patient(img: dict[str, Any]) -> str | None:
+    """A COCO image's patient by value (``patient`` as prepare writes it, else ``patient_id``): ``0`` is a patient,
+    a blank or a value that is no identifier is none (the image is its own unit)."""
+    for key in ("patient", "patient_id"):
+        try:
+            pid = identifier(img.get(key))
+        except ValueError:
+            return None
+        if pid is not None:
+            return pid
+    return None
 
 
 def _dicom_patient(path: Path) -> str | None:

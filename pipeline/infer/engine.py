@@ -4,12 +4,20 @@ It never imports torch. It loads ``model.onnx`` with its ``model_card.json``, ve
 card against the graph, chooses execution providers and reports the ones actually active (onnxruntime-gpu
 silently falls back to CPU when CUDA libraries are missing), and runs the shared pre/post-processing.
 
+The model, its card and the files the card names beside it are read at once, through one open handle of the
+folder that holds the model (links resolved: ``models/model.onnx`` leads to the published ``models/current/``),
+so a concurrent ``detflow export`` can never pair a new model with an old card (:func:`pipeline.fileio.read_release`).
+onnxruntime is imported only through :func:`import_onnxruntime`, which turns its telemetry off first.
+
 Size: one class, the whole inference path (session and providers, decoding, batching, post-processing,
 streaming workers, embeddings); split, the path a request takes would be spread over files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 import threading
@@ -22,11 +30,10 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 import numpy as np
 
-from pipeline.contracts.card import CardError, ModelCard, check_threshold, read_card
+from pipeline.contracts.card import CardError, ModelCard, check_threshold, parse_card
 from pipeline.contracts.embedding import EMBEDDING_OUTPUT
 from pipeline.errors import DetflowError
 from pipeline.families import FAMILIES, FamilySpec, artifact_family
-from pipeline.fileio import sha256_file
 from pipeline.infer.processing import Detections, InputScaling, preprocess
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,18 @@ class ProviderError(DetflowError):
 
 class EmbeddingsUnavailable(DetflowError):
     """The model has no embedding output or no usable reference sample (exported before shift detection)."""
+
+
+def import_onnxruntime() -> Any:
+    """``import onnxruntime`` with its telemetry off. onnxruntime >= 1.29 on Linux writes a device id and an event
+    database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` when it is first imported, unless
+    ``ORT_DISABLE_TELEMETRY=1`` is set before (measured with 1.31.1: ``disable_telemetry_events()`` after the import
+    is too late for those files). A value the user set wins. The one place detflow imports onnxruntime."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    ort.disable_telemetry_events()  # and no runtime events either
+    return ort
 
 
 @dataclass
@@ -85,7 +104,7 @@ class OnnxDetector:
     def __init__(self, model_path: str | os.PathLike[str], card_path: str | os.PathLike[str] | None = None,
                  providers: str | list[str] = "auto", require_gpu: bool = False, threads: int | None = None,
                  verify_checksum: bool = True) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.model_path = Path(model_path)
         self.card_path = Path(card_path) if card_path else self.model_path.with_name("model_card.json")
@@ -93,12 +112,7 @@ class OnnxDetector:
             raise ModelLoadError(f"model {self.model_path} not found; run `detflow export` (or `dvc repro`)")
         if not self.card_path.is_file():
             raise ModelLoadError(f"model card {self.card_path} not found next to the model; export writes both")
-        self.card: dict[str, Any] = self._read_card()
-        if verify_checksum:
-            actual = sha256_file(self.model_path)
-            if actual != self.card["sha256"]:
-                raise ModelLoadError(f"checksum mismatch for {self.model_path}: the card says {self.card['sha256']}, "
-                                     f"the file is {actual} (truncated, replaced or a different export)")
+        model_bytes = self._load_release(card_path is None, verify_checksum)
         available = ort.get_available_providers()
         if providers == "auto":
             # onnxruntime-gpu lists CUDA even without a GPU; asking for it then costs a failed library load.
@@ -120,7 +134,7 @@ class OnnxDetector:
         options.log_severity_level = 3
         ort.set_default_logger_severity(3)  # a CUDA provider that cannot load is reported by us, via `providers`
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=wanted)
+            self.session = ort.InferenceSession(model_bytes, sess_options=options, providers=wanted)
         except Exception as e:
             raise ModelLoadError(f"onnxruntime cannot load {self.model_path}: {str(e).splitlines()[0]}") from None
         self.providers: list[str] = self.session.get_providers()
@@ -165,11 +179,64 @@ class OnnxDetector:
     def conf(self, value: float) -> None:
         self._conf = check_threshold(value, "conf")
 
-    def _read_card(self) -> dict[str, Any]:
+    def _load_release(self, pinned: bool, verify_checksum: bool) -> bytes:
+        """Read the model, its card and the arrays beside it as one publication (see the module docstring); sets
+        ``card`` and the companions, returns the model's bytes. ``pinned`` False: a card given on its own path."""
+        from pipeline.fileio import TornRelease, read_release
+
+        name = Path(os.path.realpath(self.model_path)).name  # the model's own name in its (published) folder
+
+        def check(files: dict[str, bytes | None]) -> None:
+            if files.get(name) is None or (pinned and files.get("model_card.json") is None):
+                raise TornRelease(f"{self.model_path.parent} lacks the model or its card")
+            if verify_checksum and pinned:
+                card = self._parse_card(files["model_card.json"])  # type: ignore[arg-type]
+                if isinstance(card.get("sha256"), str) and hashlib.sha256(
+                        files[name]).hexdigest() != card["sha256"]:  # type: ignore[arg-type]
+                    raise TornRelease("the model and its card are from different exports")
+
+        names = [name, *(["model_card.json", "*.npy"] if pinned else [])]
+        try:
+            folder, files = read_release(self.model_path, names, check=check)
+        except TornRelease:
+            folder, files = read_release(self.model_path, names)  # a lasting mismatch: reported below
+        except OSError as e:
+            raise ModelLoadError(f"cannot read the model {self.model_path}: {e.strerror or e}") from None
+        self.folder = folder
+        self._companions = {n: b for n, b in files.items() if n.endswith(".npy") and b is not None}
+        model = files[name]
+        if model is None:
+            raise ModelLoadError(f"model {self.model_path} not found; run `detflow export` (or `dvc repro`)")
+        if pinned:
+            card_bytes = files["model_card.json"]
+            if card_bytes is None:
+                raise ModelLoadError(f"model card {self.card_path} not found next to the model; export writes both")
+        else:
+            try:
+                card_bytes = self.card_path.read_bytes()
+            except OSError as e:
+                raise ModelLoadError(f"cannot read the model card {self.card_path}: {e.strerror or e}") from None
+        self.card = self._read_card(card_bytes)
+        if verify_checksum:
+            actual = hashlib.sha256(model).hexdigest()
+            if actual != self.card["sha256"]:
+                raise ModelLoadError(f"checksum mismatch for {self.model_path}: the card says {self.card['sha256']}, "
+                                     f"the file is {actual} (truncated, replaced or a different export)")
+        return model
+
+    def _parse_card(self, data: bytes) -> dict[str, Any]:
+        """The card's JSON object, or {} when it is not one (the torn-pair check only compares checksums)."""
+        try:
+            card = json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return card if isinstance(card, dict) else {}
+
+    def _read_card(self, data: bytes) -> dict[str, Any]:
         """The card, validated against the one card schema (:mod:`pipeline.contracts.card`) and the family
         registry: a damaged card fails here, clearly."""
         try:
-            doc, card = read_card(self.card_path)
+            doc, card = parse_card(data, f"model card {self.card_path}")
         except CardError as e:
             raise ModelLoadError(str(e)) from None
         if artifact_family(card.family) is None:
@@ -306,13 +373,21 @@ class OnnxDetector:
             raise EmbeddingsUnavailable(f"model card {self.card_path} names no {what}; re-export the model with "
                                         "`detflow export`")
         path = self.model_path.parent / entry["file"]
-        if not path.is_file():
+        # read with the model, from the same publication; else from the folder the model was read from
+        data = getattr(self, "_companions", {}).get(entry["file"])
+        if data is None:
+            try:
+                folder = getattr(self, "folder", self.model_path.parent)
+                data = (folder / entry["file"]).read_bytes() if "/" not in entry["file"] else None
+            except OSError:
+                data = None
+        if data is None:
             raise EmbeddingsUnavailable(f"{what} {path} not found (export writes it next to the model)")
-        if sha256_file(path) != entry.get("sha256"):
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             raise EmbeddingsUnavailable(f"checksum mismatch for {path}: it is not the {what} the card describes; "
                                         "re-export the model")
         try:
-            return np.load(path, allow_pickle=False)
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError) as e:
             raise EmbeddingsUnavailable(f"cannot read {what} {path}: {e}") from None
 

@@ -36,10 +36,16 @@ def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
     416 becomes 416x320 instead of 416x416, 23 % fewer pixels for the same boxes. A ``size`` that is not a stride
     multiple (an adapted card's ``imgsz x factor``) is padded up to the next multiple.
     """
-    scale = min(size / h, size / w)
-    new_h, new_w = int(round(h * scale)), int(round(w * scale))
+    new_h, new_w = _resized(h, w, size)
     cap = -(-size // stride) * stride
     return (min(cap, -(-new_h // stride) * stride), min(cap, -(-new_w // stride) * stride))
+
+
+def _resized(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H, W) of an image scaled so its long side is ``size``; never 0 (a 1 x 5000 image keeps its one row: rounding
+    it away crashed the letterbox for every thin image that prepare accepts)."""
+    scale = min(size / h, size / w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
 def letterbox(rgb: np.ndarray, size: int, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, LetterboxMeta]:
@@ -48,7 +54,7 @@ def letterbox(rgb: np.ndarray, size: int, shape: tuple[int, int] | None = None) 
     h, w = rgb.shape[:2]
     out_h, out_w = shape or (size, size)
     scale = min(size / h, size / w)
-    new_w, new_h = int(round(w * scale)), int(round(h * scale))
+    new_h, new_w = _resized(h, w, size)
     if new_w > out_w or new_h > out_h:
         raise ValueError(f"letterbox target {out_h}x{out_w} is smaller than the resized image {new_h}x{new_w}")
     if (new_w, new_h) != (w, h):

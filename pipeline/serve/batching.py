@@ -66,8 +66,11 @@ class MicroBatcher:
             dets, ms = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.predict, [rgb for rgb, _ in items])
             for (_, fut), det in zip(items, dets, strict=True):
-                if not fut.done():
-                    fut.set_result((det, ms))
+                if not fut.done():  # predict_each puts an image's own exception in its place: only it fails
+                    if isinstance(det, Exception):
+                        fut.set_exception(det)
+                    else:
+                        fut.set_result((det, ms))
         except Exception as e:  # noqa: BLE001 - handed to every waiting request
             for _, fut in items:
                 if not fut.done():

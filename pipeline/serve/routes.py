@@ -46,21 +46,27 @@ async def decode(state: ServiceState, upload: UploadFile) -> np.ndarray:
         state.pool, decode_upload, data, state.settings.max_pixels, window)
 
 
-async def infer(state: ServiceState, request: Request, images: list[np.ndarray]) -> tuple[list[Any], list[float]]:
-    """(detections, model milliseconds) per image; a failing model call is a counted JSON 500."""
+async def infer(state: ServiceState, request: Request, images: list[np.ndarray]) -> list[tuple[Any, float]]:
+    """(detections, model milliseconds) per image, or (ApiError, 0) for an image whose model call failed (a counted
+    JSON 500 for that image only: see :meth:`ServiceState.predict_each`)."""
+    rid = getattr(request.state, "request_id", "-")
+
+    def failed(e: BaseException) -> tuple[ApiError, float]:
+        state.metrics.inference_errors.inc()
+        log.error("request_id=%s inference failed: %s", rid, type(e).__name__, exc_info=e)
+        return ApiError(500, "inference_error", f"inference failed (request id {rid})"), 0.0
+
     try:
         if state.batcher is not None:
-            out = await asyncio.gather(*(state.batcher.submit(im) for im in images))
-            return [d for d, _ in out], [ms for _, ms in out]
-        dets, ms = await asyncio.get_running_loop().run_in_executor(state.pool, state.predict, images)
-        return dets, [ms] * len(dets)
+            out = await asyncio.gather(*(state.batcher.submit(im) for im in images), return_exceptions=True)
+            return [failed(r) if isinstance(r, BaseException) and not isinstance(r, ApiError) else
+                    (r, 0.0) if isinstance(r, ApiError) else r for r in out]
+        dets, ms = await asyncio.get_running_loop().run_in_executor(state.pool, state.predict_each, images)
     except ApiError:
         raise
     except Exception as e:  # noqa: BLE001 - the model call itself failed: JSON 500, counted
-        state.metrics.inference_errors.inc()
-        rid = getattr(request.state, "request_id", "-")
-        log.error("request_id=%s inference failed: %s", rid, type(e).__name__, exc_info=True)
-        raise ApiError(500, "inference_error", f"inference failed (request id {rid})") from None
+        return [failed(e) for _ in images]
+    return [failed(d) if isinstance(d, Exception) else (d, ms) for d in dets]
 
 
 def result(state: ServiceState, det: Any, rgb: np.ndarray, ms: float) -> DetectResult:
@@ -87,8 +93,10 @@ async def detect(request: Request) -> DetectResult:
     state = _state(request)
     async with _admitted(state, request, "file", 1) as (upload,):
         rgb = await decode(state, upload)
-        dets, ms = await infer(state, request, [rgb])
-        return result(state, dets[0], rgb, ms[0])
+        ((det, ms),) = await infer(state, request, [rgb])
+        if isinstance(det, ApiError):
+            raise det
+        return result(state, det, rgb, ms)
 
 
 async def detect_batch(request: Request) -> BatchResult:
@@ -105,12 +113,15 @@ async def detect_batch(request: Request) -> BatchResult:
                 state.metrics.count_input_error(e.code)
                 return e
 
-        decoded = await asyncio.gather(*(one(u) for u in uploads))
+        decoded: list[Any] = list(await asyncio.gather(*(one(u) for u in uploads)))
         good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
         by_index: dict[int, DetectResult] = {}
         if good:
-            dets, ms = await infer(state, request, [d for _, d in good])
-            by_index = {i: result(state, det, d, t) for (i, d), det, t in zip(good, dets, ms, strict=True)}
+            for (i, d), (det, t) in zip(good, await infer(state, request, [d for _, d in good]), strict=True):
+                if isinstance(det, ApiError):
+                    decoded[i] = det  # this image's model call failed: its own error entry, the others stand
+                else:
+                    by_index[i] = result(state, det, d, t)
         items = [BatchItem(index=i, status=d.status, error=ErrorDetail(code=d.code, message=d.message))
                  if isinstance(d, ApiError) else BatchItem(index=i, status=200, result=by_index[i])
                  for i, d in enumerate(decoded)]

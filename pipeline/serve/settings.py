@@ -24,7 +24,7 @@ MB = 1024 * 1024
 class ServeSettings(BaseModel):
     """Everything the HTTP service can be configured with. See the module docstring of ``pipeline.serve``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # no NaN / inf
 
     # model
     model_path: Path = Field(Path("models/model.onnx"), description="exported ONNX model")
@@ -59,6 +59,10 @@ class ServeSettings(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="the whole request body must arrive within this "
                                   "many seconds of the headers, else 408 body_timeout (a client that drips bytes "
                                   "cannot extend it); 30 s passes a 20 MB upload at about 6 Mbit/s")
+    header_timeout_s: float = Field(5.0, gt=0, le=600, description="a connection whose request headers have not "
+                                    "all arrived this many seconds after it opened (or after the request's first "
+                                    "byte) is closed, with 408 when some bytes came: a client that sends half its "
+                                    "headers and waits cannot hold a connection (and a file descriptor) forever")
     max_body_reads: int = Field(256, ge=1, description="detection requests receiving their body at once; more get "
                                 "503. Bounds memory and temporary files; stalled uploads leave at body_timeout_s")
 

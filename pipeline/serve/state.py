@@ -116,6 +116,27 @@ class ServiceState:
             monitor.add(embeddings)
         return dets, dt * 1000.0
 
+    def predict_each(self, images: list[np.ndarray], track: bool = True) -> tuple[list[Any], float]:
+        """:meth:`predict`, but one image that the model call cannot take fails only itself: when a call over
+        several images raises, each image is run alone and the ones that still fail get their exception in place of
+        their detections (the caller turns it into that image's error). One image alone raises as before."""
+        try:
+            return self.predict(images, track)
+        except Exception:  # noqa: BLE001 - retried image by image below; a single image re-raises
+            if len(images) == 1:
+                raise
+        out: list[Any] = []
+        total = 0.0
+        for im in images:
+            try:
+                dets, ms = self.predict([im], track)
+                out.append(dets[0])
+                total += ms
+            except Exception as e:  # noqa: BLE001 - this image's own error entry
+                log.error("inference failed for one image of a batch: %s: %s", type(e).__name__, e)
+                out.append(e)
+        return out, total
+
     def shift_status(self, compute: bool = True) -> dict[str, Any]:
         """What GET /v1/shift answers (and /metrics shows): availability, window fill and the latest test result
         (recomputed here when due: at most once per ``shift_every`` new images; call it from the pool)."""
@@ -168,7 +189,7 @@ class ServiceState:
         if self.given_detector is not None:
             self.set_detector(self.given_detector)
         if s.microbatch:
-            self.batcher = MicroBatcher(self.predict, self.pool, s.microbatch_max_size,
+            self.batcher = MicroBatcher(self.predict_each, self.pool, s.microbatch_max_size,
                                         s.microbatch_max_wait_ms / 1000.0, s.workers)
             self.batcher.start()
         self.background.append(asyncio.create_task(self.bring_up()))

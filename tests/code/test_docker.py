@@ -1,7 +1,7 @@
 """The Docker files, checked by parsing and by running their tools (no Docker daemon needed): hadolint on every
 Dockerfile, the compose file against the Dockerfiles and docker/README.md, and the build script's logic
-(`docker/images.py`: pins, locks, apt sources, engine choice). tests/integration/test_container.py builds and runs the image;
-the slow test at the end installs the `serve` extra into a fresh venv where no image builder runs."""
+(`docker/images.py`: pins, locks, apt sources, engine choice). tests/integration/test_container.py builds and runs
+the image; the slow test at the end installs the `serve` extra into a fresh venv where no image builder runs."""
 
 from __future__ import annotations
 

@@ -533,18 +533,126 @@ def _mixed_dataset(root: Path, phantom: Path) -> dict[str, int]:
     n_images += sum(1 for _ in phantom.rglob("*.dcm"))
     n_boxes += len(text.strip().splitlines()) - 1 + 1
     (root / "README.md").write_text("four formats\n")
-    return {"images": n_images, "boxes": n_boxes}
+    extra = _invariant_variants(root)
+    return {"images": n_images + extra["images"], "boxes": n_boxes + extra["boxes"], "labels": extra["labels"]}
+
+
+def _invariant_variants(root: Path) -> dict:
+    """One variant of each class of issue 20, added to the mixed dataset (file stems start with ``inv``); returns
+    the image files and boxes added and, per written image stem, the class of each of its boxes in the source."""
+    from test_invariants_data import _oriented
+
+    labels: dict[str, list[str]] = {}
+    coco, voc, yolo = root / "coco", root / "voc", root / "yolo"
+    doc = json.loads((coco / "coco.json").read_text())
+    add_imgs, add_anns = [], []
+
+    def coco_image(name: str, rgb: np.ndarray, patient: object = None, bbox: list | None = None,
+                   file_name: str | None = None) -> None:
+        k = 1000 + len(add_imgs)
+        Image.fromarray(rgb).save(coco / "images" / name)
+        add_imgs.append({"id": k, "file_name": file_name or name, **({} if patient is None else
+                                                                     {"patient_id": patient})})
+        if bbox is not None:
+            add_anns.append({"id": k, "image_id": k, "category_id": 1, "bbox": bbox})
+
+    # identifiers by value: patient 0 (and "0", 0.0) on three images is one patient
+    for i, pid in enumerate([0, "0", 0.0]):
+        coco_image(f"inv_p0_{i}.png", _pixels(300 + i), patient=pid, bbox=[2, 2, 6, 6])
+        labels[f"inv_p0_{i}"] = ["cell"]
+    # identity by pixels: a COCO image and the same pixels as BMP in the VOC folder (another "patient")
+    twin = _pixels(310)
+    coco_image("inv_twin.png", twin, patient="TWIN-A", bbox=[3, 3, 6, 6])
+    Image.fromarray(twin).save(voc / "JPEGImages" / "inv_twin_bmp.bmp")
+    _voc_xml(voc / "Annotations" / "inv_twin_bmp.xml", "inv_twin_bmp.bmp", [(3, 3, 9, 9)])
+    labels["inv_twin"], labels["inv_twin_bmp"] = ["cell"], ["cell"]
+    # numbers at their extremes: a 5000-digit x (the box is dropped, the image kept)
+    coco_image("inv_huge.png", _pixels(311), bbox=None)
+    add_anns.append({"id": 1999, "image_id": 1000 + len(add_imgs) - 1, "category_id": 1, "bbox": ["__HUGE__", 2, 5, 5]})
+    labels["inv_huge"] = []
+    # degenerate geometry: a 1-pixel-high image with its box
+    coco_image("inv_thin.png", _pixels(312, (40, 1)), bbox=[5, 0, 10, 1])
+    labels["inv_thin"] = ["cell"]
+    # names the training tool hides: a hidden name the COCO file lists
+    coco_image(".inv_hidden.png", _pixels(313), bbox=[2, 2, 5, 5])
+    labels["inv_hidden"] = ["cell"]
+    # outside the dataset: a file name leading out of it (refused, recorded)
+    _image(root.parent / "inv_outside.png", seed=314)
+    add_imgs.append({"id": 1998, "file_name": "../../inv_outside.png"})
+    doc["images"] += add_imgs
+    doc["annotations"] += add_anns
+    (coco / "coco.json").write_text(json.dumps(doc).replace('"__HUGE__"', "9" * 5000))
+    # class maps: YOLO names as a mapping of 11 ids, written out of order; id 2 is x2, id 10 is x10
+    names = {k: n for k, n in enumerate(["cell", "nodule", *(f"x{k}" for k in range(2, 11))])}
+    (yolo / "data.yaml").write_text("names:\n" + "".join(f"  {k}: {names[k]}\n" for k in sorted(names, key=str)))
+    for k in (2, 10):
+        _image(yolo / "images" / f"inv_cls{k}.png", seed=320 + k)
+        (yolo / "labels" / f"inv_cls{k}.txt").write_text(f"{k} 0.5 0.5 0.2 0.2\n")
+        labels[f"inv_cls{k}"] = [names[k]]
+    # orientation per container: a PNG whose eXIf chunk follows the image data, box drawn on the stored pixels
+    arr = np.zeros((40, 90, 3), np.uint8)
+    arr[5:15, 20:50] = 255
+    (voc / "JPEGImages" / "inv_rot.png").write_bytes(_oriented("png-after", arr, 6))
+    _voc_xml(voc / "Annotations" / "inv_rot.xml", "inv_rot.png", [(20, 5, 50, 15)], size=(90, 40))
+    labels["inv_rot"] = ["cell"]
+    # one bad entry in a folder: a folder named like an annotation, a FIFO named like an image
+    (voc / "Annotations" / "inv_dir.xml").mkdir()
+    os.mkfifo(yolo / "images" / "inv_fifo.png")
+    # a DICOM header number at its extreme: PixelSpacing 1e200 x 1e200 (ignored, recorded)
+    import pydicom
+
+    victim = sorted((root / "dicom").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(victim)
+    ds.PixelSpacing = ["1e200", "1e200"]
+    ds.save_as(victim)
+    n_images = 3 + 1 + 1 + 1 + 1 + 1 + 1 + 2 + 1  # p0 x3, twin x2, huge, thin, hidden, outside, cls x2, rot
+    n_boxes = 3 + 1 + 1 + 1 + 1 + 1 + 2 + 1  # p0 x3, twin x2, huge (dropped), thin, hidden, cls x2, rot
+    return {"images": n_images, "boxes": n_boxes, "labels": labels}
+
+
+def _assert_no_pixels_in_two_splits(tmp: Path) -> None:
+    """Identity is the decoded pixels: no two splits hold the same picture, whatever its file bytes."""
+    from pipeline.data.prepare import pixel_digest
+
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for r in _manifest(tmp):
+        rgb = np.asarray(Image.open(tmp / "prepared" / r["image"]).convert("RGB"))
+        splits_of[pixel_digest(rgb)].add(r["split"])
+    assert {k: v for k, v in splits_of.items() if len(v) > 1} == {}
 
 
 def test_mixed_dataset_of_all_formats_end_to_end(tmp_path: Path, small_phantom: Path) -> None:
     root = tmp_path / "mixed"
     expected = _mixed_dataset(root, small_phantom)
-    report = _prepare(tmp_path, root, classes="[cell,nodule]")
+    report = _prepare(tmp_path, root, classes="[cell,nodule,x2]")
     assert report["format"] == "mixed" and report["split_mode"] == "patient"
     _assert_reconciled(report)
     t = report["totals"]
     assert t["images"]["found"] == expected["images"] and t["boxes"]["read"] == expected["boxes"]
     _assert_no_leak(tmp_path)
+    _assert_no_pixels_in_two_splits(tmp_path)
+    # issue 20's variants: every box's class is its source label, and each class left its trace
+    rows = {Path(r["image"]).stem: r for r in _manifest(tmp_path)}
+    import yaml
+
+    names = yaml.safe_load((tmp_path / "prepared" / "dataset.yaml").read_text())["names"]
+    for stem, want in expected["labels"].items():
+        if stem == "inv_cls10":  # x10 is not a class of this run: dropped as unknown_class
+            want = []
+        label = (tmp_path / "prepared" / rows[stem]["image"].replace("images", "labels", 1)).with_suffix(".txt")
+        assert sorted(names[int(line.split()[0])] for line in label.read_text().splitlines()) == want, stem
+    assert len({rows[f"inv_p0_{i}"]["patient"] for i in range(3)}) == 1
+    assert rows["inv_twin"]["split"] == rows["inv_twin_bmp"]["split"]
+    assert (rows["inv_rot"]["width"], rows["inv_rot"]["height"]) == ("40", "90")
+    assert (rows["inv_thin"]["width"], rows["inv_thin"]["height"]) == ("40", "1")
+    assert "inv_outside" not in rows and "inv_fifo" not in rows
+    kinds = {(p["kind"], p["file"].rsplit("/", 1)[-1]) for p in report["problems"]}
+    for kind, name in [("outside_dataset", "inv_outside.png"), ("renamed", ".inv_hidden.png"),
+                       ("unreadable_entry", "inv_dir.xml"), ("unreadable_entry", "inv_fifo.png"),
+                       ("implausible_value", sorted((root / "dicom").rglob("*.dcm"))[0].name)]:
+        assert any(k == kind and (f == name or kind == "implausible_value") for k, f in kinds), (kind, name)
+    assert any(p["kind"] == "malformed_annotation" and "finite" in p["detail"] for p in report["problems"]) or \
+        any(p["kind"] == "malformed_annotation" and "inf" in p["detail"] for p in report["problems"])
     rows = _manifest(tmp_path)
     assert len(rows) == t["images"]["written"] and {r["split"] for r in rows} == {"train", "val", "test"}
     kinds = report["summary"]["by_kind"]
@@ -556,12 +664,24 @@ def test_mixed_dataset_of_all_formats_end_to_end(tmp_path: Path, small_phantom: 
     assert any(r["image"].endswith("_scan.png") for r in rows)  # the DICOM in the YOLO folder was used
     assert "YOLO-PATIENT-7" not in (tmp_path / "report.json").read_text() + str(rows)
 
-    # The same through the CLI: exit 0, one summary line, no traceback; and a failing run: one line, exit 1.
+    # The same through the CLI (HOME empty: nothing may appear there): exit 0, one summary line, no traceback; a run
+    # killed after its commit point is rolled forward by the next; an output over the source is refused before any
+    # work; and a failing run: one line, exit 1.
     detflow = str(Path(sys.executable).parent / "detflow")
-    env = {**os.environ, "DETFLOW_NO_PROGRESS": "1"}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DETFLOW_NO_PROGRESS": "1", "HOME": str(home)}
     params = REPO / "params.yaml"
     common = ["--params", str(params), "--out", str(tmp_path / "cli"), "--report", str(tmp_path / "cli.json"),
-              "--set", f"data.source={root}", "--set", "data.classes=[cell,nodule]", "--set", "prepare.split=patient"]
+              "--set", f"data.source={root}", "--set", "data.classes=[cell,nodule,x2]", "--set",
+              "prepare.split=patient"]
+    killed = subprocess.run([detflow, "prepare", *common, "--set", "prepare.max_bad_fraction=1", "--quiet"],
+                            capture_output=True, text=True, env={**env, "DETFLOW_FAULT_KILL_AT_RENAME": "2"},
+                            cwd=tmp_path, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    over = subprocess.run([detflow, "prepare", *common[:2], "--out", str(root / "voc"), *common[4:], "--quiet"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert over.returncode == 1 and over.stderr.startswith("error:") and (root / "voc" / "Annotations").is_dir()
     ok = subprocess.run([detflow, "prepare", *common, "--set", "prepare.max_bad_fraction=1", "--quiet"],
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr
@@ -573,3 +693,6 @@ def test_mixed_dataset_of_all_formats_end_to_end(tmp_path: Path, small_phantom: 
     assert "exceeds prepare.max_bad_fraction" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     failed = json.loads((tmp_path / "cli.json").read_text())
     assert failed["status"] == "failed" and "previous dataset" in failed["dataset"]
+    info = json.loads((tmp_path / "cli" / "prepare_info.json").read_text())  # the rolled-forward dataset stands
+    assert "previous dataset" in failed["dataset"] and info["manifest_sha256"] in failed["dataset"]
+    assert not list(home.rglob("*")), "prepare wrote under HOME"

@@ -97,27 +97,29 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs (no cleanup handler catches a BaseException subclass here)."""
 
 
-@pytest.mark.parametrize("kill_at", range(1, 5))
+@pytest.mark.parametrize("kill_at", range(1, 4))
 def test_kill_between_the_commit_renames_rolls_forward(tmp_path: Path, small_phantom: Path,
                                                        monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
-    """Kill at each rename of the commit (journal in place, dataset moved, report not yet, ...): after recovery
-    the pair is the new one, with no leftovers. Random SIGKILLs rarely land in this window; this hits every step."""
+    """Kill at each rename of the commit (the journal, the dataset folder exchanged, the report): after recovery
+    the pair is the new one, with no leftovers, and the dataset folder never stopped existing. Random SIGKILLs
+    rarely land in this window; this hits every step (a real SIGKILL at every rename: tests/test_publish_kill.py)."""
     out, report = tmp_path / "data" / "prepared", tmp_path / "reports" / "dv.json"
     prepare_dataset(load_params(None, []), out, report, phantom_dir=small_phantom, progress=False)
     new = _expected_hash(small_phantom, 4, tmp_path / "scratch")
-    real_replace, calls = os.replace, []
+    real_rename, calls = fileio._rename, []
 
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], exchange: bool = False) -> None:
         calls.append(dst)
         if len(calls) == kill_at:
             raise Killed
-        real_replace(src, dst)
+        real_rename(src, dst, exchange)
+        assert out.is_dir()  # a reader never finds no dataset
 
-    monkeypatch.setattr(fileio.os, "replace", replace)
+    monkeypatch.setattr(fileio, "_rename", rename)
     with pytest.raises(Killed):
         prepare_dataset(load_params(None, ["prepare.seed=4"]), out, report, phantom_dir=small_phantom,
                         progress=False)
-    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    monkeypatch.setattr(fileio, "_rename", real_rename)
     monkeypatch.setattr(fileio, "_pid_alive", lambda pid: False)  # the "killed" writer is gone
     recover_outputs(out, report)
     # rename 1 writes the journal (the commit point): killed there, the previous pair stays; after it, the new one.

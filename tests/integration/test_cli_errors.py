@@ -195,7 +195,7 @@ ADAPT_CASES: list[tuple[list[str], int, str]] = [
     (["adapt", "fake.onnx", *TINY, "--out", "adapted"], 1, "fake.onnx: 0 usable images, adapt needs at least 8; "
                                                            "1 could not be decoded"),  # all corrupt
     (["adapt", "imgs", *TINY, "--out", "adapted"], 1, "imgs: 1 usable images, adapt needs at least 8"),
-    (["adapt", "imgs", *TINY, "--out", "tiny"], 1, "is the model's own folder"),
+    (["adapt", "imgs", *TINY, "--out", "tiny"], 1, "contains the model"),
     (["adapt", "imgs", *TINY, "--out", "adapted", "--pixel-size", "-2"], 1, "--pixel-size must be a positive number"),
 ]
 

@@ -48,7 +48,10 @@ def copy_repo(dest: Path) -> Path:
                          check=True, capture_output=True).stdout
     for rel in filter(None, out.decode().split("\0")):
         src = REPO / rel
-        if src.is_file() and not src.is_symlink():
+        if src.is_symlink():  # tracked links (models/model.onnx -> current/model.onnx) stay links
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), dest / rel)
+        elif src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     _git(dest, "init", "-q")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import REPO
 
 # Loaded by `site` at interpreter start (also in any subprocess, through PYTHONPATH): every name lookup and every
@@ -114,29 +116,126 @@ def _tiny_pipeline(env: dict[str, str], work: Path, epochs: int, quiet: bool) ->
                  *(["--quiet"] if quiet else [])], env, work)
 
 
-def test_imports_and_stages_stay_offline_and_out_of_home(tmp_path: Path) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_until_ready(env: dict[str, str], work: Path) -> None:
+    """`detflow serve` in the sandbox (HOME empty; without the network guard, which would refuse the getaddrinfo of its
+    own listening address): start, wait for /health/ready (asked from this process), stop by its PID."""
+    import signal
+    import urllib.request
+
+    port = _free_port()
+    env = {**env, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model", "models/model.onnx", "--port",
+                             str(port), "--providers", "CPUExecutionProvider"], env=env, cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not get ready"
+            time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_every_command_stays_offline_and_out_of_home(tmp_path: Path) -> None:
+    """Every command a user runs, one after another in a sandboxed project with HOME empty: after each one, nothing
+    was written under HOME and no network call was attempted (so the culprit is named). Onnxruntime's telemetry
+    (a device id and a database under ~/.cache) is what the engine's import switches off."""
     env, home, work, net_log = _sandbox(tmp_path)
     params = str(REPO / "params.yaml")
     start = time.perf_counter()
     n_modules = int(_run(["-c", IMPORT_ALL], env, work).stdout.split()[-1])
     assert n_modules >= 20
     cli = ["-m", "pipeline.cli"]
-    train = _tiny_pipeline(env, work, epochs=1, quiet=True)
-    _run([*cli, "evaluate", "--params", params, "--set", "evaluate.bootstrap=0", "--set", "gate.min_map50=0",
-          "--set", "gate.min_cpm=0", "--set", "gate.min_sensitivity_at_1fp=0", "--quiet"], env, work)
+    tiny = [f"train.epochs={1}", "train.imgsz=64", "train.batch=8", "train.nominal_batch=8", "train.workers=0",
+            "train.augment.mosaic=false", "train.pretrained=none", "train.device=cpu", "evaluate.bootstrap=0",
+            "gate.min_map50=0", "gate.min_cpm=0", "gate.min_sensitivity_at_1fp=0", "gate.max_regression=null"]
+    sets = [a for s in tiny for a in ("--set", s)]
+    commands: list[tuple[str, list[str]]] = [
+        ("phantom", ["phantom", "--params", params, "--set", "phantom.patients=8", "--set", "phantom.slices=4",
+                     "--set", "phantom.size=128", "--quiet"]),
+        ("prepare", ["prepare", "--params", params, "--quiet"]),
+        ("train", ["train", "--params", params, *sets, "--quiet"]),
+        ("evaluate", ["evaluate", "--params", params, *sets, "--quiet"]),
+        ("export", ["export", "--params", params, *sets]),
+        ("infer", ["infer", "data/prepared/coco/test.json", "--model", "models/model.onnx", "--out", "preds",
+                   "--quiet"]),
+        ("shift", ["shift", "data/prepared/images", "--model", "models/model.onnx", "--out", "shift", "--quiet",
+                   "--permutations", "50"]),
+        ("adapt", ["adapt", "data/prepared/images", "--model", "models/model.onnx", "--out", "models/site_b",
+                   "--pixel-size", "0.5"]),
+        ("evaluate --external", ["evaluate", "--model", "models/model.onnx", "--external", "--params", params,
+                                 *sets, "--quiet"]),
+        ("report", ["report", "--params", params, *sets, "--model-copy", "models/report.html"]),
+        ("assets list", ["assets", "list"]),
+        ("registry list", ["registry", "list", "--root", "models/registry"]),
+    ]
+    home_writes: dict[str, list[str]] = {}
+    net: dict[str, list[dict]] = {}
+    outputs: dict[str, str] = {}
+    def check(name: str) -> None:
+        """What this command wrote under HOME and which network calls it tried; then HOME is emptied again, so
+        each command is judged on its own (a later one would only update files an earlier one created)."""
+        home_writes[name], net[name] = _written_under(home), _attempts(net_log)
+        for p in sorted(home.iterdir()):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        net_log.unlink(missing_ok=True)
+
+    for name, argv in commands:
+        outputs[name] = _run([*cli, *argv], env, work).stdout
+        check(name)
+    _serve_until_ready(env, work)
+    check("serve")
     seconds = time.perf_counter() - start
 
-    assert (work / "models" / "train" / "best.pt").is_file() and (work / "reports" / "metrics.json").is_file()
-    assert _attempts(net_log) == [], "network calls were attempted"
-    assert _written_under(home) == [], "files were written under HOME"
+    assert net == {name: [] for name in net}, f"network calls attempted by {[n for n, a in net.items() if a]}"
+    assert home_writes == {name: [] for name in home_writes}, \
+        f"files written under HOME by {[n for n, w in home_writes.items() if w]}"
+    assert (work / "models" / "current" / "model.onnx").is_file() and (work / "preds" / "predictions.json").is_file()
     # The third-party state went to the project's work folder instead.
     assert (work / ".detflow" / "ultralytics" / "Ultralytics" / "settings.json").is_file()
     settings = json.loads((work / ".detflow" / "ultralytics" / "Ultralytics" / "settings.json").read_text())
     assert settings["sync"] is False and settings["dvc"] is False
     # A quiet stage prints its one summary line.
-    assert train.stdout.strip().splitlines()[-1].startswith("train: yolo/yolov5n 1 epochs")
-    assert len(train.stdout.strip().splitlines()) == 1, train.stdout
-    print(f"{n_modules} modules imported, 4 stages in {seconds:.1f} s")
+    train = outputs["train"].strip().splitlines()
+    assert len(train) == 1 and train[0].startswith("train: yolo/yolov5n 1 epochs"), outputs["train"]
+    print(f"{n_modules} modules imported, {len(commands) + 1} commands in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_flow_run_stays_out_of_home(tmp_path: Path) -> None:
+    """`detflow flow run` (Prefect's temporary server, every DVC stage) in a copy of the repository with HOME
+    empty: Prefect's home goes to the project's .detflow/prefect, nothing under HOME."""
+    from test_flows import TINY, copy_repo
+
+    env, home, work, _ = _sandbox(tmp_path)
+    env["PYTHONPATH"] = str(REPO)  # no network guard here: Prefect's client talks to its own server on loopback
+    repo = copy_repo(work)
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={'null' if v is None else str(v).lower()}")]
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    _run(["-m", "pipeline.cli", "flow", "run", *sets], env, repo)
+    assert _written_under(home) == [], "files were written under HOME"
+    assert (repo / ".detflow" / "prefect").is_dir()
 
 
 def test_train_progress_is_one_bar(tmp_path: Path) -> None:

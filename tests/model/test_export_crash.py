@@ -25,7 +25,7 @@ BIN = Path(sys.executable).with_name("detflow")
 CLI = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "pipeline.cli"]
 ARGS = ["export", "--model", "best.pt", "--data", "prepared", "--reports", "reports", "--out", "models",
         "--params", str(REPO / "params.yaml"), *[a for s in TINY_EXPORT for a in ("--set", s)]]
-JOURNAL = ".model.onnx.commit.json"
+JOURNAL = ".current.commit.json"  # the journal of the models/current switch
 # what a killed export may leave: its scratch folder, staged files, atomic-write temporaries, a commit journal,
 # and the tempfile folders of earlier versions
 LEFTOVER = re.compile(r"^\.(export\b.*|.+\.(staging|tmp|old)\.\d+\.[0-9a-f]{8}|.+\.commit\.json)$")
@@ -67,7 +67,7 @@ def _state_after_kill(root: Path, tmp: Path) -> str:
     copy = tmp / "recovered"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(models, copy, symlinks=True)
-    recover_outputs(copy / "model.onnx", copy / "model_card.json", copy / "embedding_reference.npy")
+    recover_outputs(copy / "current")
     _pair(copy)
     assert not (copy / JOURNAL).exists()
     return "journal"
@@ -104,7 +104,7 @@ def test_sigkill_leaves_a_whole_pair_and_the_next_run_recovers(project: Path, tm
     assert (root / "reports" / "parity.json").stat().st_mode & 0o777 == 0o644
 
     # kills at fixed fractions of the runtime, then at the publish step (staged model seen, journal seen)
-    points: list[float | str] = [0.15, 0.35, 0.55, 0.75, 0.9, ".model.onnx.staging.", JOURNAL]
+    points: list[float | str] = [0.15, 0.35, 0.55, 0.75, 0.9, ".current.staging.", JOURNAL]
     seen = []
     shas = {sha}
     for point in points:
