@@ -219,11 +219,15 @@ def stages(repo: Path) -> list[str]:
 
 def artifacts(repo: Path) -> dict[str, Path]:
     """``{key: path}`` of the files the flow reads (:data:`ARTIFACT_FILES`), as the checkout's dvc.yaml writes
-    them; a file dvc.yaml does not write is a :class:`ConfigError` naming it."""
+    them (a file inside a stage's one output folder counts); a file dvc.yaml does not write is a :class:`ConfigError`
+    naming it."""
     outs = lineage.stage_outputs(repo / "dvc.yaml")
     found = {}
     for key, (stage, name) in ARTIFACT_FILES.items():
         path = next((o for o in outs.get(stage, []) if Path(o).name == name), None)
+        folders = [o for o in outs.get(stage, []) if not Path(o).suffix]
+        if path is None and len(folders) == 1:  # a folder published whole (export: models/current) holds the file
+            path = f"{folders[0].rstrip('/')}/{name}"
         if path is None:
             raise ConfigError(f"{repo / 'dvc.yaml'}: stage {stage!r} writes no {name}, which the flow reads")
         found[key] = repo / path

@@ -80,7 +80,7 @@ def accepted(edge_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.fixture(scope="module")
 def engine(exported: dict[str, Path]) -> Any:
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     return OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
 

@@ -37,7 +37,7 @@ def serving(exported: dict[str, Path], timeout_s: float = TIMEOUT_S) -> Iterator
     """The app under the service's uvicorn configuration, on a pre-bound loopback socket, in a thread."""
     import uvicorn
 
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
     from pipeline.serve import ServeSettings, create_app
     from pipeline.serve.server import uvicorn_config
 
