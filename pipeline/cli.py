@@ -27,6 +27,9 @@ app.add_typer(registry_app, name="registry")
 flow_app = typer.Typer(no_args_is_help=True, help="Run the Prefect flows locally (PREFECT_API_URL: a server to report "
                        "to; unset: a temporary local one).")
 app.add_typer(flow_app, name="flow")
+pacs_app = typer.Typer(no_args_is_help=True, help="DICOM in, DICOM out: detect in a PACS's series over DICOMweb and "
+                       "store a DICOM Structured Report per series back.")
+app.add_typer(pacs_app, name="pacs")  # hook (#23): pipeline/pacs/
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.epochs=3 (repeatable)")]
@@ -283,6 +286,8 @@ def infer(
     require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
     conf: Annotated[float | None, typer.Option(callback=_threshold,
                                                help="score threshold in [0, 1] (default: the card's)")] = None,
+    sr: Annotated[Path | None, typer.Option(help="also write one DICOM Structured Report per DICOM series here "
+                                            "(non-DICOM inputs get none)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
@@ -291,12 +296,19 @@ def infer(
 
     items = collect_sources(source)  # a bad source or output folder fails here, before the model loads
     _writable(out, "output folder")
+    if sr is not None:
+        _writable(sr, "SR folder")
     workers, threads = plan_workers(workers)
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
         detector.conf = conf
+    reports = None
+    if sr is not None:  # hook (#23): DICOM Structured Reports, pipeline/dicom/files.py
+        from pipeline.dicom.files import SeriesReports
+
+        reports = SeriesReports(detector.card, detector.conf)
     s = run_batch(detector, items, out, batch=batch, render=render, progress=_progress(quiet), workers=workers,
-                  shift_source=str(source))
+                  shift_source=str(source), on_result=reports.add if reports is not None else None)
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
                f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
                f"-> {out / 'predictions.json'}")
@@ -306,6 +318,8 @@ def infer(
                    f"-> {out / 'shift.json'}")
     else:
         typer.echo(f"shift: not tested: {s.shift_note}")
+    if reports is not None and sr is not None:
+        typer.echo(reports.write(sr).line(sr))
     for e in s.errors[:10]:
         typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
 
@@ -391,6 +405,65 @@ def assets_fetch(
 
 
 app.command("serve")(serve_command())  # options shared with `python -m pipeline.serve`: pipeline/serve/entry.py
+
+
+@pacs_app.command("run")
+def pacs_run(
+    url: Annotated[str, typer.Option(help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web (credentials: "
+                                     "$DETFLOW_PACS_TOKEN, or $DETFLOW_PACS_USER + $DETFLOW_PACS_PASSWORD)")],
+    model: OnnxModelOpt = Path("models/model.onnx"),
+    study: Annotated[str | None, typer.Option(help="only this Study Instance UID")] = None,
+    since: Annotated[str | None, typer.Option(help="only studies from this date on (YYYY-MM-DD)")] = None,
+    modality: Annotated[str | None, typer.Option(help="only series of this modality, e.g. CT")] = None,
+    force: Annotated[bool, typer.Option(help="also run series of modalities the model was not trained on")] = False,
+    work: Annotated[Path | None, typer.Option(help="work folder of the ledger (default: $DETFLOW_WORKDIR/pacs, "
+                                              ".detflow/pacs)")] = None,
+    conf: Annotated[float | None, typer.Option(callback=_threshold,
+                                               help="score threshold in [0, 1] (default: the card's)")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="instances retrieved and detected at once; 0: auto")] = 0,
+    ca_bundle: Annotated[Path | None, typer.Option(help="CA certificates for the PACS's TLS certificate (default: "
+                                                   "$DETFLOW_PACS_CA_BUNDLE, else the system's)")] = None,
+    insecure: Annotated[bool, typer.Option(help="do not verify the PACS's TLS certificate (warned about)")] = False,
+    retries: Annotated[int, typer.Option(min=0, max=10, help="retries of a request that could not connect")] = 3,
+    providers: ProvidersOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """QIDO-RS the studies, WADO-RS each instance, detect, STOW-RS one DICOM SR per series. The ledger in the work
+    folder skips finished series and resumes a killed run; a series the model cannot read is skipped with a reason."""
+    from pipeline.infer.engine import OnnxDetector, plan_workers
+    from pipeline.pacs.client import Pacs, PacsError
+    from pipeline.pacs.ledger import Ledger
+    from pipeline.pacs.run import PacsRunner, iter_lines, parse_since
+    from pipeline.ultralytics_env import state_root
+
+    if study and since:
+        raise typer.BadParameter("give --study or --since, not both")
+    try:
+        since_date = parse_since(since) if since else None
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise DetflowError(f"CA bundle {ca_bundle} not found")
+    work = work if work is not None else state_root() / "pacs"
+    _writable(work, "work folder")
+    pacs = Pacs(url, verify=not insecure, ca_bundle=str(ca_bundle) if ca_bundle else None, retries=retries)
+    workers, threads = plan_workers(workers)
+    detector = OnnxDetector(model, providers=providers, threads=threads)
+    if conf is not None:
+        detector.conf = conf
+    pacs.check()  # unreachable or refused: one line, before any work
+    with Ledger(work) as ledger:
+        runner = PacsRunner(pacs, detector, ledger, force=force, workers=workers, progress=_progress(quiet))
+        refs, n_studies = runner.find_series(study=study, since=since_date, modality=modality)
+        summary = runner.run(refs, n_studies)
+    typer.echo(summary.line())
+    for line in iter_lines(summary):
+        typer.secho(f"  {line}", err=True, fg="yellow")
+    if summary.of("failed"):
+        raise PacsError(f"{len(summary.of('failed'))} series failed (listed above; the instances in "
+                        f"{ledger.path}): nothing was stored for them, the next run retries them")
+    if summary.nothing_to_do():
+        raise DetflowError("nothing to analyse: every selected series was skipped (listed above)")
 
 
 RegistryRootOpt = Annotated[Path | None, typer.Option("--root", help="registry folder; default: the folder of "
