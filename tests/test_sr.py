@@ -145,8 +145,8 @@ def test_report_with_findings_validates_and_reads_back(series_files: list[Path],
     path.write_bytes(report.to_bytes())
     errors, warnings = dciodvfy(path)
     # the only warnings: dciodvfy does not know the private scheme (one per coded use of the "vessel" class)
-    assert errors == [] and warnings and all(w == "Warning - Unrecognized defined term <99DETFLOW> for value 1 of "
-                                             "attribute <Coding Scheme Designator>" for w in warnings), errors + warnings
+    private = "Warning - Unrecognized defined term <99DETFLOW> for value 1 of attribute <Coding Scheme Designator>"
+    assert errors == [] and warnings and all(w == private for w in warnings), errors + warnings
     dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0 and "Comprehensive SR Document" in dump.stdout
     assert '(27925004,SCT,"Nodule")' in dump.stdout and f'(VESSEL,{PRIVATE_SCHEME},"vessel")' in dump.stdout
@@ -306,3 +306,14 @@ def test_service_refuses_an_sr_for_a_png_upload(service: Any, exported: dict[str
     assert err["code"] == "sr_needs_dicom" and "only describe a DICOM upload" in err["message"] \
         and "PNG" in err["message"]
     assert client.post("/v1/detect", files={"file": ("x.png", png)}).status_code == 200  # JSON still works
+
+
+def test_run_report_lists_the_class_codes(exported: dict[str, Path], tmp_path: Path) -> None:
+    from test_report import parse, render
+
+    out = tmp_path / "report.html"
+    render(exported["root"], exported["reports"], exported["root"] / "models", out, exported["phantom"])
+    html = out.read_text()
+    page = parse(html)
+    assert page.by_id("class-codes") is not None and page.where(data_class="nodule")
+    assert "27925004" in html and "DICOM PS3.16" in html and "Trained on DICOM modalities: CT" in html

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -233,6 +234,7 @@ def build_series_report(images: Sequence[SourceImage], model: ModelIdentity) -> 
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
 
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs the source UIDs at INFO and DEBUG
     if not images:
         raise SrError("no analysed image: a report needs at least one")
     series = {str(im.header.SeriesInstanceUID) for im in images}

@@ -7,9 +7,9 @@ What this module adds to the library:
   an error. Credentials in the URL are refused.
 * **TLS verification on by default**; ``DETFLOW_PACS_CA_BUNDLE`` (or ``ca_bundle``) names a private CA;
   ``verify=False`` must be asked for and is warned about.
-* **Retries on the network only**: connection failures are retried ``retries`` times with exponential back-off
-  (urllib3's ``Retry``; a request that was never sent is safe to repeat, a STOW included), and 429 / 503 / 504
-  answers by dicomweb-client's own retry. Anything else fails at once.
+* **Retries on the network only**: connection failures and 429 / 503 / 504 answers are retried ``retries`` times
+  with exponential back-off (urllib3's ``Retry``, the only retry layer; a STOW-RS is safe to repeat: its SR UID is
+  deterministic). Anything else fails at once.
 * **One clear error per failure**: :class:`PacsUnavailable` (unreachable, timed out, 5xx), :class:`PacsAuthError`
   (401 / 403), :class:`PacsError` (anything else), each naming the server (scheme, host and port: no path, no
   query, no UID) and what to do.
@@ -149,6 +149,7 @@ class Pacs:
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self._local = threading.local()
         logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # it logs every UID at INFO
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # retries: counted in our one line
 
     # ------------------------------------------------------------------ sessions and errors
 
@@ -161,8 +162,12 @@ class Pacs:
             from urllib3.util.retry import Retry
 
             session = requests.Session()
-            retry = Retry(total=None, connect=self.retries, read=0, status=0, other=0, redirect=3,
-                          backoff_factor=self.backoff_s, allowed_methods=None, raise_on_status=False)
+            # the one retry layer (dicomweb-client's own, which also repeats on any exception, is off): requests
+            # that never connected, and 429 / 503 / 504 answers (Retry-After honoured); a STOW-RS is safe to repeat,
+            # its SR UID being deterministic
+            retry = Retry(total=None, connect=self.retries, read=0, status=self.retries, other=0, redirect=3,
+                          status_forcelist=(429, 503, 504), backoff_factor=self.backoff_s, allowed_methods=None,
+                          respect_retry_after_header=True, raise_on_status=False)
             adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=8)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -172,8 +177,7 @@ class Pacs:
             elif self.credentials.user:
                 session.auth = (self.credentials.user, self.credentials.password or "")
             client = DICOMwebClient(self.url, session=session, timeout=self.timeout_s)
-            client.set_http_retry_params(retry=True, max_attempts=self.retries + 1,
-                                         wait_exponential_multiplier=max(1, int(self.backoff_s * 1000)))
+            client.set_http_retry_params(retry=False)
             self._local.client = client
         return client
 

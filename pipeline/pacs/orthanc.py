@@ -130,6 +130,18 @@ class LocalOrthanc:
     def get(self, path: str) -> Any:
         return self._request("GET", path)
 
+    def file(self, instance_id: str) -> bytes:
+        """The stored DICOM file of an instance (Orthanc id)."""
+        req = urllib.request.Request(f"{self.url}/instances/{instance_id}/file")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return bytes(r.read())
+
+    def count_instances(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
     def upload(self, files: Iterable[Path]) -> int:
         """POST each file to ``/instances`` (Orthanc's REST store); returns how many it accepted."""
         n = 0

@@ -218,18 +218,19 @@ class PacsRunner:
             raise DetflowError(f"the PACS at {self.pacs.server} holds no study with that Study Instance UID "
                                f"(study {pseudonym(study)})")
         refs: list[SeriesRef] = []
-        for s in studies:
-            study_uid = tag_value(s, "StudyInstanceUID")
-            if not study_uid:
-                continue
+        # a UID listed twice (a PACS that files one Study Instance UID under two patients) is processed once
+        study_uids = list(dict.fromkeys(u for s in studies if (u := tag_value(s, "StudyInstanceUID"))))
+        seen: set[str] = set()
+        for study_uid in study_uids:
             for se in self.pacs.series(study_uid):
                 series_uid = tag_value(se, "SeriesInstanceUID")
                 mod = str(tag_value(se, "Modality") or "").upper()
-                if not series_uid or (modality and mod != modality.upper()):
+                if not series_uid or series_uid in seen or (modality and mod != modality.upper()):
                     continue
+                seen.add(series_uid)
                 n = tag_value(se, "NumberOfSeriesRelatedInstances")
                 refs.append(SeriesRef(study_uid, series_uid, mod, int(n) if n is not None else None))
-        return refs, len(studies)
+        return refs, len(study_uids)
 
     # ------------------------------------------------------------------ one series
 
@@ -336,8 +337,7 @@ class PacsRunner:
                 for ref in refs:
                     outcome = self.process_series(ref)
                     summary.outcomes.append(outcome)
-                    if outcome.status == "failed":
-                        log.warning("%s", outcome.line())
+                    log.info("%s", outcome.line())  # pseudonyms only
                     bar.update(1)
                     bar.set_postfix(done=len(summary.of("processed")), skipped=len(summary.of("skipped")),
                                     failed=len(summary.of("failed")))
