@@ -173,8 +173,13 @@ def test_report_with_findings_validates_and_reads_back(series_files: list[Path],
         assert np.abs(np.asarray(r.box) - match[0][1]).max() < 1e-3
         assert r.finding[2] == ("nodule", "vessel")[match[0][3]].replace("nodule", "Nodule")
     assert read_summary(sr) == {"Nodule": "Present", "vessel": "Present"}
-    # the algorithm (TID 4019) with the model's sha256, in every group
-    assert dump.stdout.count('"Algorithm Name")="detflow yolo/yolov5n"') == len(regions) + 1
+    # the algorithm (TID 4019, with the model's sha256) in the series summary; the device observer for everything
+    assert dump.stdout.count('"Algorithm Name")="detflow yolo/yolov5n"') == 1
+    assert dump.stdout.count('"Device Observer Name")="detflow yolo/yolov5n"') == 1
+    assert f"model sha256 {'f' * 64}" in json.dumps(sr.to_json_dict())
+    assert '"Certainty of Finding")="91.0" (%,UCUM,"Percent")' in dump.stdout  # the score as a percentage
+    html = subprocess.run(["dsr2html", "+Cm", "+Rd", str(path)], capture_output=True, text=True, timeout=60)
+    assert html.returncode == 0 and "Imaging Measurement Report" in html.stdout and "91.0 Percent" in html.stdout
 
 
 @needs_dciodvfy

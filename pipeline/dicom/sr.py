@@ -3,9 +3,10 @@
 What a report holds (a Comprehensive SR, so a PACS files it with the study and a viewer can draw it):
 
 * patient and study modules copied from the source images, a new series (``Modality`` SR);
-* the observer is a device: detflow with the model (TID 1004), and every measurement group carries the algorithm
-  identification (TID 4019: name ``detflow <family>/<model>``, version = the card's version, parameters = the
-  model's sha256, the score threshold and the detflow version);
+* the observer is a device: detflow with the model (TID 1004, for every content item), and the series summary
+  group carries the algorithm identification (TID 4019: name ``detflow <family>/<model>``, version = the card's
+  version, parameters = the model's sha256, the score threshold and the detflow version). It is not repeated in
+  each detection's group: six more content items per detection, and highdicom's cost grows with the item count;
 * one **series summary** group (TID 1501) over every analysed image, with each class coded
   (:mod:`pipeline.dicom.codes`) and evaluated Present / Absent (SNOMED CT, DICOM CID 240): an empty result is a
   result, and says so;
@@ -13,7 +14,8 @@ What a report holds (a Comprehensive SR, so a PACS files it with the study and a
   the source image's pixel coordinates (DICOM PS3.3 C.18.6.1.1: 0\\0 is the top left corner of the top left pixel,
   Columns\\Rows the bottom right corner of the last one; the engine's boxes are in exactly that frame, see
   :func:`rectangle`), selected from the source SOP instance; the finding type is the class's code and the score a
-  NUM "Certainty of Finding" (DCM 111012, no units, in [0, 1]);
+  NUM "Certainty of Finding" (DCM 111012) in percent (UCUM %, the engine score x 100, 4 decimals, as DICOM CAD
+  reports state certainty);
 * ``CompletionFlag`` COMPLETE, ``PreliminaryFlag`` PRELIMINARY, ``VerificationFlag`` UNVERIFIED: nobody accountable
   has read it yet.
 
@@ -54,7 +56,7 @@ SERIES_DESCRIPTION = "detflow AI detections (unverified)"
 
 # Codes used by every report (from DICOM PS3.16; pydicom's dictionary has them, tests check the values)
 _CERTAINTY = ("111012", "DCM", "Certainty of Finding")
-_NO_UNITS = ("1", "UCUM", "no units")
+_PERCENT = ("%", "UCUM", "Percent")  # as DICOM's CAD reports give certainty; viewers show "87.5 %"
 _PRESENT = ("52101004", "SCT", "Present")
 _ABSENT = ("272519000", "SCT", "Absent")
 _PROCEDURES = {  # source Modality -> procedure reported (CID 100)
@@ -274,10 +276,11 @@ def build_series_report(images: Sequence[SourceImage], model: ModelIdentity) -> 
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("finding", uids.instance, str(n)),
                                                              identifier=f"{name} {per_class[name]}"[:64]),
-                referenced_region=region, finding_type=_class_concept(code), algorithm_id=algorithm,
+                referenced_region=region, finding_type=_class_concept(code),
                 finding_category=_concept(category) if category else None,
-                measurements=[hd.sr.Measurement(name=_concept(_CERTAINTY), value=round(float(im.scores[i]), 6),
-                                                unit=_concept(_NO_UNITS))]))
+                measurements=[hd.sr.Measurement(name=_concept(_CERTAINTY),
+                                                value=round(100.0 * float(im.scores[i]), 4),
+                                                unit=_concept(_PERCENT))]))
     summary = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("summary", uids.instance),
                                                      identifier="series summary"),
@@ -349,7 +352,9 @@ def read_regions(sr: Dataset) -> list[ReportedRegion]:
             if name == "121071":  # Finding
                 finding = _code_of(item, "ConceptCodeSequence")
             elif name == _CERTAINTY[0]:
-                score = float(item.MeasuredValueSequence[0].NumericValue)
+                measured = item.MeasuredValueSequence[0]
+                unit = str(measured.MeasurementUnitsCodeSequence[0].CodeValue)
+                score = float(measured.NumericValue) / (100.0 if unit == "%" else 1.0)
             elif item.get("ValueType") == "SCOORD":
                 scoord = item
         if scoord is None:

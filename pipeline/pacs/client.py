@@ -7,9 +7,9 @@ What this module adds to the library:
   an error. Credentials in the URL are refused.
 * **TLS verification on by default**; ``DETFLOW_PACS_CA_BUNDLE`` (or ``ca_bundle``) names a private CA;
   ``verify=False`` must be asked for and is warned about.
-* **Retries on the network only**: connection failures and 429 / 503 / 504 answers are retried ``retries`` times
-  with exponential back-off (urllib3's ``Retry``, the only retry layer; a STOW-RS is safe to repeat: its SR UID is
-  deterministic). Anything else fails at once.
+* **Retries on the network only**: connection failures, connections dropped without an answer and 429 / 503 /
+  504 answers are retried ``retries`` times with exponential back-off (urllib3's ``Retry``, the only retry layer;
+  a STOW-RS is safe to repeat: its SR UID is deterministic). Anything else fails at once.
 * **One clear error per failure**: :class:`PacsUnavailable` (unreachable, timed out, 5xx), :class:`PacsAuthError`
   (401 / 403), :class:`PacsError` (anything else), each naming the server (scheme, host and port: no path, no
   query, no UID) and what to do.
@@ -163,9 +163,10 @@ class Pacs:
 
             session = requests.Session()
             # the one retry layer (dicomweb-client's own, which also repeats on any exception, is off): requests
-            # that never connected, and 429 / 503 / 504 answers (Retry-After honoured); a STOW-RS is safe to repeat,
-            # its SR UID being deterministic
-            retry = Retry(total=None, connect=self.retries, read=0, status=self.retries, other=0, redirect=3,
+            # that never connected, connections the server dropped without an answer (a keep-alive connection it
+            # closed meanwhile), and 429 / 503 / 504 answers (Retry-After honoured). Every request is safe to
+            # repeat: QIDO and WADO read, and a STOW-RS stores an SR whose UID is deterministic
+            retry = Retry(total=None, connect=self.retries, read=self.retries, status=self.retries, other=0, redirect=3,
                           status_forcelist=(429, 503, 504), backoff_factor=self.backoff_s, allowed_methods=None,
                           respect_retry_after_header=True, raise_on_status=False)
             adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=8)

@@ -19,6 +19,7 @@ UIDs (it is the local record of what was done, like the PACS itself), never name
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +71,7 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            self._lock = threading.Lock()
         except (sqlite3.Error, OSError) as e:
             raise DetflowError(f"cannot open the PACS ledger {self.path}: {e}") from None
 
@@ -82,10 +84,15 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
     def _write(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
         for attempt in range(5):  # another run on the same ledger holds the write lock for a moment
             try:
-                return self.db.execute(sql, args)
+                with self._lock:  # the run's report writer thread and its main thread share the connection
+                    return self.db.execute(sql, args)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or attempt == 4:
                     raise DetflowError(f"cannot write the PACS ledger {self.path}: {e}") from None
@@ -106,14 +113,13 @@ class Ledger:
     # ------------------------------------------------------------------ series
 
     def finished(self, pacs: str, series_uid: str, model_sha256: str) -> Finished | None:
-        row = self.db.execute("SELECT study_uid, sr_sop_uid, sr_series_uid, how, n_instances, n_detections FROM "
-                              "series WHERE pacs = ? AND series_uid = ? AND model_sha256 = ?",
-                              (pacs, series_uid, model_sha256)).fetchone()
-        return Finished(*row) if row else None
+        rows = self._read("SELECT study_uid, sr_sop_uid, sr_series_uid, how, n_instances, n_detections FROM series "
+                          "WHERE pacs = ? AND series_uid = ? AND model_sha256 = ?", (pacs, series_uid, model_sha256))
+        return Finished(*rows[0]) if rows else None
 
     def sr_series(self, pacs: str) -> set[str]:
         """Every SR series detflow filed on this PACS (so a run can tell its own reports from other objects)."""
-        return {r[0] for r in self.db.execute("SELECT sr_series_uid FROM series WHERE pacs = ?", (pacs,))}
+        return {r[0] for r in self._read("SELECT sr_series_uid FROM series WHERE pacs = ?", (pacs,))}
 
     def record_finished(self, pacs: str, series_uid: str, model_sha256: str, f: Finished, run_id: int) -> None:
         self._write("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -122,8 +128,8 @@ class Ledger:
 
     def count_finished(self, pacs: str | None = None) -> int:
         if pacs is None:
-            return int(self.db.execute("SELECT COUNT(*) FROM series").fetchone()[0])
-        return int(self.db.execute("SELECT COUNT(*) FROM series WHERE pacs = ?", (pacs,)).fetchone()[0])
+            return int(self._read("SELECT COUNT(*) FROM series")[0][0])
+        return int(self._read("SELECT COUNT(*) FROM series WHERE pacs = ?", (pacs,))[0][0])
 
     # ------------------------------------------------------------------ problems
 
@@ -133,6 +139,6 @@ class Ledger:
                     (run_id, pacs, study_uid, series_uid, sop_uid, kind, detail, _now()))
 
     def problems(self, run_id: int) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT study_uid, series_uid, sop_uid, kind, detail FROM problems WHERE run_id = ?",
-                               (run_id,)).fetchall()
+        rows = self._read("SELECT study_uid, series_uid, sop_uid, kind, detail FROM problems WHERE run_id = ?",
+                          (run_id,))
         return [dict(zip(("study_uid", "series_uid", "sop_uid", "kind", "detail"), r, strict=True)) for r in rows]

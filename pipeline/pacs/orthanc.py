@@ -72,6 +72,7 @@ class LocalOrthanc:
             "RegisteredUsers": self.users, "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpCompressionEnabled": False,  # loopback: compressing pixels costs CPU and saves nothing
+            "KeepAlive": True, "KeepAliveTimeout": 60,
         }
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))

@@ -28,7 +28,8 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
@@ -177,9 +178,28 @@ class RunSummary:
 
 
 @dataclass
+class Plan:
+    """A series that passed the checks: its image instances and the UIDs its report will have. Collects each
+    instance's outcome as the engine delivers them."""
+
+    index: int  # position in the run, so outcomes keep the series order
+    ref: SeriesRef
+    sops: list[str]
+    sr_instance: str
+    sr_series: str
+    images: list[SourceImage] = field(default_factory=list)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (SOP Instance UID, kind, detail)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.images) + len(self.problems) == len(self.sops)
+
+
+@dataclass
 class _Instance:
     """One instance to retrieve; the worker that decodes it fills in its header."""
 
+    plan: Plan
     sop: str
     header: Any = None
 
@@ -241,9 +261,21 @@ class PacsRunner:
         self.ledger.record_problem(self.run_id, self.pacs.url, reason, detail, ref.study, ref.series)
         return SeriesOutcome(ref, "failed", reason, n_instances=n, n_images=images, detail=detail)
 
-    def process_series(self, ref: SeriesRef) -> SeriesOutcome:
-        """Select, infer, write and store one series (see the module docstring). Network trouble and refused
-        credentials raise (:class:`~pipeline.pacs.client.PacsUnavailable`, ``PacsAuthError``)."""
+    def process_series(self, ref: SeriesRef, index: int = 0) -> SeriesOutcome:
+        """Select, infer, write and store one series (see the module docstring): what a Prefect task runs. Network
+        trouble and refused credentials raise (:class:`~pipeline.pacs.client.PacsUnavailable`, ``PacsAuthError``)."""
+        plan = self.plan(ref, index)
+        if isinstance(plan, SeriesOutcome):
+            return plan
+        for r in self.detector.predict_stream(self._items([plan]), batch=self.batch, workers=self.workers,
+                                              decode=self._load):
+            self._collect(r)
+        done = self._conclude(plan)
+        return done if isinstance(done, SeriesOutcome) else self.report(done)
+
+    def plan(self, ref: SeriesRef, index: int = 0) -> SeriesOutcome | Plan:
+        """Step 2: the checks that may skip the series (no pixel is retrieved for a skipped one). Returns the
+        outcome when the series stops here, else its :class:`Plan`."""
         if ref.series in self._own_series:
             return self._skip(ref, "detflow_report")
         if ref.modality in NON_IMAGE_MODALITIES:
@@ -262,85 +294,132 @@ class PacsRunner:
         if self.pacs.has_instance(ref.study, uids.instance):
             self._finished(ref, uids.instance, uids.series, "found", len(images), -1)
             return self._skip(ref, "found_in_pacs", n=len(images))
-        analysed, problems = self._infer(ref, images)
-        if problems:
-            for sop, kind, detail in problems:
-                self.ledger.record_problem(self.run_id, self.pacs.url, kind, detail, ref.study, ref.series, sop)
-            kinds = Counter(kind for _, kind, _ in problems)
-            return self._fail(ref, "unreadable_instance", f"{len(problems)} of {len(images)} instance(s) could not "
-                              f"be read ({', '.join(f'{n} {k}' for k, n in kinds.items())}); no report stored",
-                              n=len(images), images=len(analysed))
+        return Plan(index, ref, images, uids.instance, uids.series)
+
+    def _conclude(self, plan: Plan) -> SeriesOutcome | Plan:
+        """After the last instance: a series with an unreadable instance fails (no report), else it is ready."""
+        if not plan.problems:
+            return plan
+        ref = plan.ref
+        for sop, kind, detail in plan.problems:
+            self.ledger.record_problem(self.run_id, self.pacs.url, kind, detail, ref.study, ref.series, sop)
+        kinds = Counter(kind for _, kind, _ in plan.problems)
+        return self._fail(ref, "unreadable_instance", f"{len(plan.problems)} of {len(plan.sops)} instance(s) could "
+                          f"not be read ({', '.join(f'{n} {k}' for k, n in kinds.items())}); no report stored",
+                          n=len(plan.sops), images=len(plan.images))
+
+    def report(self, plan: Plan) -> SeriesOutcome:
+        """Steps 4-5: the SR, STOW-RS, then the ledger row (in this order: see the module docstring)."""
+        ref, n = plan.ref, len(plan.sops)
         try:
-            report = build_series_report(analysed, self.model)
+            report = build_series_report(plan.images, self.model)
         except SrError as e:
-            return self._fail(ref, "not_reportable", str(e), n=len(images), images=len(analysed))
+            return self._fail(ref, "not_reportable", str(e), n=n, images=len(plan.images))
         try:
             self.pacs.store(ref.study, report.dataset)
-        except InstanceGone as e:
-            return self._fail(ref, "store_refused", str(e), n=len(images), images=len(analysed))
         except (PacsUnavailable, PacsAuthError):
             raise  # the run cannot go on
         except PacsError as e:
-            return self._fail(ref, "store_refused", str(e), n=len(images), images=len(analysed))
-        self._finished(ref, uids.instance, uids.series, "stored", len(images), report.n_detections)
-        return SeriesOutcome(ref, "processed", "stored", n_instances=len(images), n_images=len(analysed),
-                             n_detections=report.n_detections, sr_instance_uid=uids.instance)
+            return self._fail(ref, "store_refused", str(e), n=n, images=len(plan.images))
+        self._finished(ref, plan.sr_instance, plan.sr_series, "stored", n, report.n_detections)
+        plan.images = []  # the headers are not needed any more
+        return SeriesOutcome(ref, "processed", "stored", n_instances=n, n_images=n,
+                             n_detections=report.n_detections, sr_instance_uid=plan.sr_instance)
 
     def _finished(self, ref: SeriesRef, sr_uid: str, sr_series: str, how: str, n: int, detections: int) -> None:
         self.ledger.record_finished(self.pacs.url, ref.series, self.model.sha256,
                                     Finished(ref.study, sr_uid, sr_series, how, n, detections), self.run_id)
         self._own_series.add(sr_series)
 
-    def _infer(self, ref: SeriesRef, sops: list[str]) -> tuple[list[SourceImage], list[tuple[str, str, str]]]:
-        """Retrieve and detect every instance (workers retrieve while others infer); (analysed, problems)."""
-        window = self.detector.dicom_window()
+    @staticmethod
+    def _items(plans: Iterable[Plan]) -> Iterator[_Instance]:
+        for plan in plans:
+            for sop in plan.sops:
+                yield _Instance(plan, sop)
 
-        def load(item: _Instance) -> Any:
-            try:
-                ds = self.pacs.retrieve(ref.study, ref.series, item.sop)
-            except InstanceGone:
-                raise ImageLoadError("instance_gone", "listed by QIDO-RS but not retrievable (deleted?)") from None
-            except (PacsUnavailable, PacsAuthError):
-                raise  # the run cannot go on
-            except PacsError as e:
-                raise ImageLoadError("retrieve_failed", str(e)) from None
-            except Exception as e:  # noqa: BLE001 - pydicom on a damaged instance: the instance's fault
-                raise ImageLoadError("corrupt_dicom", f"cannot parse the retrieved instance ({type(e).__name__})"
-                                     ) from None
-            try:
-                item.header = header_of(ds)
-            except SrError as e:
-                raise ImageLoadError("not_reportable", str(e)) from None
-            return decode_dataset(ds, window, self.max_pixels).rgb
+    def _load(self, item: _Instance) -> Any:
+        """WADO-RS one instance and decode it (in an engine worker thread); the instance's own problems are
+        ImageLoadErrors (recorded, the series fails), the PACS's (unreachable, refused) stop the run."""
+        ref = item.plan.ref
+        try:
+            ds = self.pacs.retrieve(ref.study, ref.series, item.sop)
+        except InstanceGone:
+            raise ImageLoadError("instance_gone", "listed by QIDO-RS but not retrievable (deleted?)") from None
+        except (PacsUnavailable, PacsAuthError):
+            raise  # the run cannot go on
+        except PacsError as e:
+            raise ImageLoadError("retrieve_failed", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - pydicom on a damaged instance: the instance's fault
+            raise ImageLoadError("corrupt_dicom", f"cannot parse the retrieved instance ({type(e).__name__})"
+                                 ) from None
+        try:
+            item.header = header_of(ds)
+        except SrError as e:
+            raise ImageLoadError("not_reportable", str(e)) from None
+        return decode_dataset(ds, self.detector.dicom_window(), self.max_pixels).rgb
 
-        analysed: list[SourceImage] = []
-        problems: list[tuple[str, str, str]] = []
-        items = [_Instance(sop) for sop in sops]
-        for r in self.detector.predict_stream(items, batch=self.batch, workers=self.workers, decode=load):
-            if r.error is not None:
-                problems.append((r.source.sop, getattr(r.error, "kind", "unreadable"),
-                                 getattr(r.error, "detail", None) or type(r.error).__name__))
-            else:
-                analysed.append(SourceImage.of(r.source.header, r.detections))
-            r.rgb = None  # the pixels are not needed any more
-        return analysed, problems
+    @staticmethod
+    def _collect(r: Any) -> Plan:
+        """One engine result into its series' plan (the pixels are dropped here)."""
+        item: _Instance = r.source
+        if r.error is not None:
+            item.plan.problems.append((item.sop, getattr(r.error, "kind", "unreadable"),
+                                       getattr(r.error, "detail", None) or type(r.error).__name__))
+        else:
+            item.plan.images.append(SourceImage.of(item.header, r.detections))
+        r.rgb = None
+        return item.plan
 
     # ------------------------------------------------------------------ the whole run
 
     def run(self, refs: list[SeriesRef], n_studies: int) -> RunSummary:
-        """Every series in order (a progress bar over series); the ledger's run row records the totals."""
+        """Every series, outcomes in series order, a progress bar over series.
+
+        One stream feeds the engine's workers across series boundaries (a series' last instances and the next
+        one's first are retrieved and detected together: no pool drained per series), and each finished series'
+        report is written and stored in a second thread while detection goes on (at most one report in flight;
+        memory holds the headers of the series in flight, never their pixels). The checks of each series run as
+        the stream reaches it. The ledger's run row records the totals.
+        """
         summary = RunSummary(n_studies=n_studies, model_version=self.model.version)
         start = time.perf_counter()
         status = "failed"
+        slots: list[SeriesOutcome | Future[SeriesOutcome] | None] = [None] * len(refs)
         try:
-            with tqdm(total=len(refs), desc="pacs", unit="series", disable=not self.progress) as bar:
-                for ref in refs:
-                    outcome = self.process_series(ref)
-                    summary.outcomes.append(outcome)
-                    log.info("%s", outcome.line())  # pseudonyms only
+            with tqdm(total=len(refs), desc="pacs", unit="series", disable=not self.progress) as bar, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="detflow-sr") as writer:
+                pending: list[Future[SeriesOutcome]] = []
+
+                def plans() -> Iterator[Plan]:
+                    for i, ref in enumerate(refs):
+                        step = self.plan(ref, i)
+                        if isinstance(step, SeriesOutcome):
+                            slots[i] = step
+                            bar.update(1)
+                        else:
+                            yield step
+
+                def finish(plan: Plan) -> None:
+                    done = self._conclude(plan)
+                    if isinstance(done, SeriesOutcome):
+                        slots[plan.index] = done
+                    else:
+                        while pending:  # one report in flight; its exception (the PACS gone) stops the run
+                            pending.pop().result()
+                        slots[plan.index] = future = writer.submit(self.report, done)
+                        pending.append(future)
                     bar.update(1)
-                    bar.set_postfix(done=len(summary.of("processed")), skipped=len(summary.of("skipped")),
-                                    failed=len(summary.of("failed")))
+
+                for r in self.detector.predict_stream(self._items(plans()), batch=self.batch,
+                                                      workers=self.workers, decode=self._load):
+                    plan = self._collect(r)
+                    if plan.complete:
+                        finish(plan)
+                for future in pending:
+                    future.result()
+            summary.outcomes = [s.result() if isinstance(s, Future) else s for s in slots if s is not None]
+            for o in summary.outcomes:
+                log.info("%s", o.line())  # pseudonyms only
             status = "ok" if not summary.of("failed") else "partial"
         finally:
             summary.seconds = time.perf_counter() - start
