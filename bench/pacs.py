@@ -18,7 +18,6 @@ bench/results/pacs.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -112,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         med = {"disk": statistics.median(times["disk"]), "pacs": statistics.median(times["pacs_inner"])}
         ips = {k: counts[k] / v for k, v in med.items()}
         result = {
-            "images": len(files), "series": n_series, "detections": detections[-1], "conf": detector.conf, "images_per_s": {k: round(v, 2) for k, v in ips.items()},
+            "images": len(files), "series": n_series, "detections": detections[-1], "conf": detector.conf,
+            "images_per_s": {k: round(v, 2) for k, v in ips.items()},
             "ratio_pacs_over_disk": round(ips["pacs"] / ips["disk"], 3), "goal": 0.7,
             "seconds": {k: [round(x, 3) for x in v] for k, v in times.items() if v},
             "workers": workers, "threads": threads, "providers": detector.providers,
