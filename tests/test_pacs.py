@@ -254,6 +254,7 @@ def test_sigkill_at_three_random_points_then_one_report_per_series(orthanc: Loca
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills.append((finished(), stored()))
+    print(f"series {n_series}; (finished in the ledger, reports in Orthanc) after each kill: {kills}")
     assert kills[-1][0] < n_series  # the last kill still left work to do
     r = subprocess.run(args, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "DETFLOW_NO_PROGRESS": "1"})
@@ -424,3 +425,39 @@ def test_pacs_inference_flow_runs_the_same_code_and_publishes_an_artifact(orthan
     # the CLI on the same work folder: everything done by the flow is skipped (one ledger, one code path)
     r = pacs_run(orthanc, models["pixel"], tmp_path / "work")
     assert r.returncode == 0 and "3 done" in r.stdout, r.stdout
+
+
+def test_credentials_and_tls_settings_reach_the_http_session(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.pacs.client import Credentials, Pacs, PacsError
+
+    bearer = Pacs("https://pacs.example.org/dicom-web", Credentials(token="t0k3n"))._client()._session
+    assert bearer.headers["Authorization"] == "Bearer t0k3n" and bearer.verify is True and bearer.auth is None
+    basic = Pacs("https://pacs.example.org/dicom-web", Credentials(user="u", password="p"))._client()._session
+    assert basic.auth == ("u", "p") and "Authorization" not in basic.headers
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert Pacs("https://pacs.example.org/dicom-web", Credentials(), ca_bundle=str(ca))._client()._session.verify \
+        == str(ca)
+    with caplog.at_level("WARNING"):
+        off = Pacs("https://pacs.example.org/dicom-web", Credentials(), verify=False)._client()._session
+        Pacs("http://pacs.example.org/dicom-web", Credentials(token="t"))
+    assert off.verify is False and "verification is OFF" in caplog.text and "over plain http" in caplog.text
+    env = {"DETFLOW_PACS_TOKEN": "a", "DETFLOW_PACS_USER": "b", "DETFLOW_PACS_PASSWORD": "c"}
+    with pytest.raises(PacsError, match="choose bearer or basic"):
+        Credentials.from_env(env)
+    with pytest.raises(PacsError, match="without DETFLOW_PACS_PASSWORD"):
+        Credentials.from_env({"DETFLOW_PACS_USER": "b"})
+    with pytest.raises(PacsError, match="CA bundle .* not found"):
+        Pacs("https://pacs.example.org/dicom-web", Credentials(), ca_bundle=str(tmp_path / "missing.pem"))
+
+
+def test_prefect_yaml_deploys_the_pacs_flow_on_an_interval() -> None:
+    import yaml
+
+    from flows.pacs import pacs_inference
+
+    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == "pacs-inference"]
+    assert dep["entrypoint"] == "flows/pacs.py:pacs_inference" and pacs_inference.name == "pacs-inference"
+    assert dep["schedules"][0]["interval"] == 900 and dep["work_pool"]["name"] == "cpu"
+    assert set(dep["parameters"]) <= set(pacs_inference.parameters.properties)
