@@ -344,6 +344,8 @@ def test_document_only_study_is_skipped_and_counted(orthanc: LocalOrthanc, model
     alone = pacs_run(orthanc, models["pixel"], tmp_path / "work", "--study", study_of(data["pdf"]))
     assert "nothing to analyse" in _one_error_line(alone)
     assert "1 studies (1 without images)" in alone.stdout and "skipped: 1 non_image" in alone.stdout
+    missing = pacs_run(orthanc, models["pixel"], tmp_path / "work", "--study", "1.2.3.4.5")
+    assert "holds no study with that Study Instance UID" in _one_error_line(missing)
     everything = pacs_run(orthanc, models["pixel"], tmp_path / "work")
     assert everything.returncode == 0, everything.stderr
     assert "2 studies (1 without images), 1 series processed" in everything.stdout

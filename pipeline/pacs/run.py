@@ -213,7 +213,9 @@ class PacsRunner:
         self.force, self.workers, self.batch, self.progress = force, workers, batch, progress
         self.max_pixels = max_pixels
         self.model = ModelIdentity.from_card(detector.card, detector.conf)
-        self.trained = {str(m).upper() for m in (detector.card.get("training_data") or {}).get("modalities") or []}
+        training = detector.card.get("training_data") or {}
+        self.trained = {str(m).upper() for m in training.get("modalities") or []}
+        self._card_knows_modality = "modalities" in training  # cards exported before the field: unknown
         self.run_id = ledger.start_run(pacs.url, self.model.sha256)
         self._own_series = ledger.sr_series(pacs.url)
 
@@ -226,8 +228,11 @@ class PacsRunner:
                                f"({self._trained_text()}); add --force to run it anyway")
 
     def _trained_text(self) -> str:
-        return ", ".join(sorted(self.trained)) if self.trained else \
-            "the card records none: it was trained on non-DICOM images"
+        if self.trained:
+            return ", ".join(sorted(self.trained))
+        if not self._card_knows_modality:
+            return "unknown: the card predates training_data.modalities; re-export the model"
+        return "none: the card says it was trained on non-DICOM images"
 
     def find_series(self, study: str | None = None, since: str | None = None,
                     modality: str | None = None) -> tuple[list[SeriesRef], int]:
@@ -427,10 +432,12 @@ class PacsRunner:
         return summary
 
 
-def iter_lines(summary: RunSummary) -> Iterator[str]:
-    """The per-series lines worth printing: failures first, then skips that are not routine."""
-    for o in summary.of("failed"):
-        yield o.line()
-    for o in summary.of("skipped"):
-        if o.reason in ("non_image", "untrained_modality", "found_in_pacs"):
-            yield o.line()
+def iter_lines(summary: RunSummary, limit: int = 20) -> Iterator[str]:
+    """The per-series lines worth printing, at most ``limit``: failures first, then skips that are not routine
+    (the ledger and the Prefect artifact list every series)."""
+    lines = [o.line() for o in summary.of("failed")] + [
+        o.line() for o in summary.of("skipped") if o.reason in ("non_image", "untrained_modality", "found_in_pacs")]
+    yield from lines[:limit]
+    if len(lines) > limit:
+        yield f"... and {len(lines) - limit} more"
+
