@@ -25,8 +25,8 @@ PRIVATE_SCHEME_NAME = "detflow model classes"
 PRIVATE_SCHEME_ORGANIZATION = "detflow (this model's card: class_codes)"
 
 #: The SNOMED CT concepts detflow knows by class name. "DICOM PS3.16": the concept is in DICOM's content mapping
-#: resource (pydicom's concept dictionary; tests/test_sr.py checks value and meaning against it); "SNOMED CT": a
-#: SNOMED CT concept that no DICOM context group lists (the blood cells: the cell hierarchy, "(cell)").
+#: resource (pydicom's concept dictionary; tests/integration/test_sr.py checks value and meaning against it);
+#: "SNOMED CT": a SNOMED CT concept that no DICOM context group lists (the blood cells: the cell hierarchy, "(cell)").
 _KNOWN: dict[str, tuple[str, str, str]] = {
     # class name (normalised) -> (code value, code meaning, where the code comes from)
     "nodule": ("27925004", "Nodule", "DICOM PS3.16"),
