@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(tmp / "work", ignore_errors=True)
                 start = time.perf_counter()
                 with Ledger(tmp / "work") as ledger:
-                    runner = PacsRunner(pacs, detector, ledger, workers=workers)
+                    # force: every series is measured, whatever modalities the card lists (a BCCD model lists none)
+                    runner = PacsRunner(pacs, detector, ledger, workers=workers, force=True)
                     refs, n_studies = runner.find_series()
                     summary = runner.run(refs, n_studies)
                 times["pacs_inner"].append(time.perf_counter() - start)
