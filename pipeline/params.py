@@ -258,6 +258,18 @@ class BaseExportParams(_Section):
 
     parity_iou: float = Field(0.9, gt=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=10_000)
+    # class -> "SCHEME:VALUE:MEANING": the finding type DICOM SRs use (card `class_codes`, pipeline/dicom/codes.py)
+    class_codes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("class_codes")
+    @classmethod
+    def _class_codes(cls, v: dict[str, str]) -> dict[str, str]:
+        # the shape only; export checks the parts and the class names (pipeline.dicom.codes.parse_code)
+        for name, code in v.items():
+            if len([p for p in code.split(":", 2) if p.strip()]) != 3:
+                raise ValueError(f"class code for {name!r} is {code!r}; expected SCHEME:VALUE:MEANING, e.g. "
+                                 "SCT:27925004:Nodule")
+        return v
 
     @model_validator(mode="after")
     def _family_sections(self) -> BaseExportParams:

@@ -1,7 +1,7 @@
 """`detflow` command line: thin sub-apps, one module per concern, each command one thin entry: read params, call
 the library, print one line. ``data`` (phantom, prepare), ``model`` (train, evaluate, export), ``inference``
-(adapt, infer, shift), ``serve``, ``report``; the groups ``assets``, ``registry`` and ``flow``. ``common`` holds the
-shared options and helpers.
+(adapt, infer, shift), ``serve``, ``report``; the groups ``assets``, ``registry``, ``flow`` and ``pacs``.
+``common`` holds the shared options and helpers.
 
 Library code raises; only this package turns errors into messages and exit codes (here).
 """
@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from pipeline.cli import assets, data, flow, inference, model, registry, report, serve
+from pipeline.cli import assets, data, flow, inference, model, pacs, registry, report, serve
 from pipeline.errors import ConfigError, DetflowError
 
 log = logging.getLogger("detflow")
@@ -30,6 +30,7 @@ app.add_typer(serve.app)
 app.add_typer(registry.app, name="registry")
 app.add_typer(flow.app, name="flow")
 app.add_typer(report.app)
+app.add_typer(pacs.app, name="pacs")
 
 
 def _fail(message: str, code: int) -> int:

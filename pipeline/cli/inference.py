@@ -69,6 +69,8 @@ def infer(
     require_gpu: Annotated[bool, typer.Option(help="fail unless the CUDA provider is active")] = False,
     conf: Annotated[float | None, typer.Option(callback=threshold_option,
                                                help="score threshold in [0, 1] (default: the card's)")] = None,
+    sr: Annotated[Path | None, typer.Option(help="also write one DICOM Structured Report per DICOM series here "
+                                            "(non-DICOM inputs get none)")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
@@ -82,12 +84,19 @@ def infer(
               *((f"input {name}", path) for name, _, path in items)],
              [*(Write("output", out / n) for n in ("predictions.json", "infer_errors.json", "shift.json")),
               *([Write("rendered images folder", out / "rendered", "into")] if render else [])])
+    if sr is not None:
+        writable(sr, "SR folder")
     workers, threads = plan_workers(workers)
     detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
     if conf is not None:
         detector.conf = conf
+    reports = None
+    if sr is not None:  # DICOM Structured Reports, pipeline/dicom/files.py
+        from pipeline.dicom.files import SeriesReports
+
+        reports = SeriesReports(detector.card, detector.conf)
     s = run_batch(detector, items, out, batch=batch, render=render, progress=progress_on(quiet), workers=workers,
-                  shift_source=str(source))
+                  shift_source=str(source), on_result=reports.add if reports is not None else None)
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
                f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
                f"-> {out / 'predictions.json'}")
@@ -97,6 +106,8 @@ def infer(
                    f"-> {out / 'shift.json'}")
     else:
         typer.echo(f"shift: not tested: {s.shift_note}")
+    if reports is not None and sr is not None:
+        typer.echo(reports.write(sr).line(sr))
     for e in s.errors[:10]:
         typer.secho(f"  skipped {e['file']}: {e['kind']}: {e['detail']}", err=True, fg="yellow")
 

@@ -81,6 +81,8 @@ class ModelCard(_Block):
 
     family: StrictStr
     classes: list[StrictStr] = Field(min_length=1)
+    # class -> {scheme, value, meaning}: the coded finding type DICOM SRs use (pipeline/dicom/codes.py)
+    class_codes: dict[str, dict[str, Any]] | None = None
     input: CardInput
     sha256: StrictStr
     schema_: StrictStr | None = Field(None, alias="schema")

@@ -51,6 +51,7 @@ class LoadedImage:
     window: tuple[float, float] | None = None  # DICOM window (center, width) actually applied
     orientation: int = 1  # EXIF Orientation applied to reach upright pixels (1: none); see :func:`orient_boxes`
     pixel_spacing: float | None = None  # DICOM PixelSpacing in mm per pixel (None: not stated); see SpacedImage
+    modality: str | None = None  # DICOM Modality (CT, MR, ...), None for other files: the card's trained modality
 
     @property
     def width(self) -> int:
@@ -218,7 +219,24 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
             ds = pydicom.dcmread(fp)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise ImageLoadError("corrupt_dicom", f"cannot parse DICOM: {e}") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    return decode_dataset(ds, window)
+
+
+def decode_dataset(ds: object, window: tuple[float, float] | None = None,
+                   max_pixels: int | None = None) -> LoadedImage:
+    """An already parsed DICOM dataset (a DICOMweb retrieval, :mod:`pipeline.pacs`) -> :class:`LoadedImage`, by
+    the same rules as a file: pixel limit from the header (``max_pixels``, None: none of ours), then
+    :func:`dicom_to_rgb`; every problem an :class:`ImageLoadError`."""
+    if max_pixels is not None:
+        try:
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)  # type: ignore[attr-defined]
+            frames = int(ds.get("NumberOfFrames", 1) or 1)  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            raise ImageLoadError("corrupt_dicom", "Rows, Columns or NumberOfFrames is not a number") from None
+        if rows * cols * max(frames, 1) > max_pixels:
+            raise ImageLoadError("image_too_large", f"{cols}x{rows}x{frames} exceeds the limit of {max_pixels} "
+                                 "pixels")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:  # type: ignore
         raise ImageLoadError("dicom_no_pixel_data", "the file has no Pixel Data element")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     compressed = bool(tsyntax is not None and tsyntax.is_compressed)
@@ -238,7 +256,9 @@ def load_dicom(source: Path | bytes, window: tuple[float, float] | None = None) 
             ) from None
         raise ImageLoadError("corrupt_dicom", f"pixel data cannot be read: {str(e).splitlines()[0]}") from None
     spacing = dicom_pixel_spacing(ds, notes)
-    return LoadedImage(rgb=with_spacing(rgb, spacing), conversions=notes, window=used, pixel_spacing=spacing)
+    modality = str(getattr(ds, "Modality", "") or "").strip().upper() or None
+    return LoadedImage(rgb=with_spacing(rgb, spacing), conversions=notes, window=used, pixel_spacing=spacing,
+                       modality=modality)
 
 
 def _complete_stream(data: bytes, fmt: str | None) -> bool:

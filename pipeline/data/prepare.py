@@ -339,7 +339,9 @@ def prepare_dataset(
     info = {**provenance, "format": fmt, "classes": classes, "split_mode": split_mode,
             "dicom_window": ("params" if isinstance(params.data.window, tuple | list) else "file tags")
             if windows else None, "dicom_windows_used": [list(w) for w in windows],
-            "pixel_spacing": _spacing_summary([k[2].pixel_spacing for k in kept])}
+            "pixel_spacing": _spacing_summary([k[2].pixel_spacing for k in kept]),
+            # the DICOM modalities trained on (the card's training_data.modalities; `detflow pacs` skips others)
+            "modalities": sorted({k[2].modality for k in kept if k[2].modality})}
     manifest = _manifest(images)
     digest = hashlib.sha256(manifest.encode()).hexdigest()
     report = {"status": "ok", "manifest_sha256": digest, **report}

@@ -203,9 +203,13 @@ def build_card(*, family: FamilySpec, model_name: str, classes: list[str], imgsz
         shape = [batch, 3, imgsz, imgsz]
         resize = (f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
                   "centre padding with grey 114; boxes mapped back by the same scale and offset")
+    from pipeline.dicom.codes import class_codes  # hook (#23): the codes DICOM SRs use for each class
+
+    codes = {name: c.to_card() for name, c in class_codes(classes, params.export.class_codes).items()}
     return {
         "schema": SCHEMA,
         "family": family.name, "model": model_name, "classes": classes,
+        "class_codes": codes,
         "input": {"name": "images", "shape": shape, "imgsz": imgsz, "stride": stride,
                   "dtype": family.input_dtype(settings),
                   "layout": "NCHW", "channel_order": "RGB", "value_range": [0.0, 1.0],
@@ -217,7 +221,7 @@ def build_card(*, family: FamilySpec, model_name: str, classes: list[str], imgsz
                         "max_det": params.export.max_det},
         "opset": settings.opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
         "training_data": {"source": info.get("source"), "manifest_sha256": info.get("manifest_sha256"),
-                          "split_mode": info.get("split_mode"),
+                          "split_mode": info.get("split_mode"), "modalities": info.get("modalities") or [],
                           "image_long_side_px": sizes["image_long_side_px"], "object_sizes": sizes},
         "pretrained": (train_summary.get("transfer") or {}).get("pretrained"),
         "metrics": {k: metrics.get(k) for k in ("split", "map50_95", "map50", "per_class", "froc", "ci95",
@@ -295,6 +299,7 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
     summary = _read_json(reports / "train" / "summary.json", "training summary", default={})
     torch_det = TorchDetector.load(model_path)
     family, backend = torch_det.family, torch_det.backend
+    _check_class_codes(torch_det.classes, params)
     settings = params.export.of(family.name)
     backend.check_export(settings)
     start = time.perf_counter()
@@ -356,6 +361,16 @@ def publish_model(out_dir: Path, files: dict[str, Path]) -> Path:
     for name in files:  # model.onnx first (dict order)
         link_into_place(out_dir / name, f"{RELEASE_DIR}/{name}")
     return release
+
+
+def _check_class_codes(classes: list[str], params: Params) -> None:
+    """``export.class_codes`` must name only the model's classes: checked before the export starts."""
+    from pipeline.dicom.codes import class_codes
+
+    try:
+        class_codes(classes, params.export.class_codes)
+    except ValueError as e:
+        raise DetflowError(f"export.class_codes: {e}") from None
 
 
 def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_path: Path,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from pipeline.data.values import identifier, parse_json
 from pipeline.errors import DetflowError
 from pipeline.fileio import atomic_write_json
 from pipeline.infer.engine import EmbeddingsUnavailable, OnnxDetector
+from pipeline.infer.processing import Detections
 from pipeline.shift import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, MIN_SAMPLES, ShiftError, ShiftResult, mmd_test
 
 #: Most target embeddings one shift test uses: the test's memory grows with (reference + target)², so a larger set is
@@ -169,7 +170,8 @@ def collect_sources(source: Path) -> list[Source]:
 def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path, batch: int = 8,
               render: bool = False, progress: bool = True, predictions_name: str = "predictions.json",
               workers: int = 1, max_pixels: int | None = None, shift: bool = True,
-              shift_source: str | None = None) -> BatchSummary:
+              shift_source: str | None = None,
+              on_result: Callable[[Path, Detections | None], None] | None = None) -> BatchSummary:
     """Stream inputs through the engine, ``batch`` images per model call and ``workers`` calls at once (see
     :meth:`OnnxDetector.predict_stream`); write COCO-results JSON, an error list and optional renders.
 
@@ -180,6 +182,9 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
     ``shift``: when the model has the embedding output, also test the images against its training embeddings
     (:func:`shift_test`) and write ``shift.json`` beside the predictions; ``summary.shift_note`` says why not
     otherwise (an older model, fewer than :data:`~pipeline.shift.MIN_SAMPLES` images, no reference sample).
+
+    ``on_result``: called with each input's path and its detections (None when it could not be decoded), in input
+    order; ``detflow infer --sr`` collects DICOM results by series with it (:mod:`pipeline.dicom.files`).
     """
     summary = BatchSummary(providers=detector.providers)
     items = source if isinstance(source, list) else collect_sources(source)
@@ -195,6 +200,8 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
         for r in stream:
             name, image_id, _ = r.source
             bar.update(1)
+            if on_result is not None:  # hook (#23, DICOM SR): every outcome, in input order
+                on_result(r.source[2], r.detections if r.error is None else None)
             if r.error is not None:
                 kind = getattr(r.error, "kind", "unreadable")
                 detail = getattr(r.error, "detail", None) or str(r.error)

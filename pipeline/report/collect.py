@@ -387,7 +387,10 @@ def deployment_section(inp: ReportInputs, card: dict | None, gate: dict | None) 
             "size_bytes": size, "providers": (parity or {}).get("providers"),
             "input": _flat((card or {}).get("input")) if card else [],
             "output": _flat((card or {}).get("output")) if card else [],
-            "postprocess": (card or {}).get("postprocess") or {}, "missing": missing}
+            "postprocess": (card or {}).get("postprocess") or {}, "missing": missing,
+            # hook (#23): the coded finding type DICOM SRs use per class, and the modalities trained on
+            "class_codes": (card or {}).get("class_codes") or {},
+            "modalities": ((card or {}).get("training_data") or {}).get("modalities") or []}
 
 
 # ------------------------------------------------------------------------------------------------ provenance

@@ -26,6 +26,7 @@ from pipeline.serve.schemas import (
     multipart_doc,
 )
 from pipeline.serve.settings import ServeSettings
+from pipeline.serve.sr import DICOM_MEDIA_TYPE, require_dicom, sr_response, wants_sr
 from pipeline.serve.state import ServiceState
 
 log = logging.getLogger("pipeline.serve")
@@ -40,7 +41,11 @@ def _state(request: Request) -> ServiceState:
 
 async def decode(state: ServiceState, upload: UploadFile) -> np.ndarray:
     """One file part -> RGB, in the pool (size limit, then content sniffing and decoding)."""
-    data = await read_upload(upload, state.settings.max_upload_bytes)
+    return await decode_data(state, await read_upload(upload, state.settings.max_upload_bytes))
+
+
+async def decode_data(state: ServiceState, data: bytes) -> np.ndarray:
+    """Received bytes -> RGB, in the pool."""
     window = state.detector.dicom_window() if hasattr(state.detector, "dicom_window") else None
     return await asyncio.get_running_loop().run_in_executor(
         state.pool, decode_upload, data, state.settings.max_pixels, window)
@@ -88,14 +93,21 @@ def _admitted(state: ServiceState, request: Request, field: str, max_files: int)
 # ---------------------------------------------------------------------------------------------- endpoints
 
 
-async def detect(request: Request) -> DetectResult:
-    """Detect objects in one JPEG, PNG or DICOM file (multipart field `file`; type read from the content)."""
+async def detect(request: Request) -> DetectResult | Response:
+    """Detect objects in one JPEG, PNG or DICOM file (multipart field `file`; type read from the content).
+    JSON by default; `Accept: application/dicom` on a DICOM upload returns a DICOM Structured Report (TID 1500)."""
     state = _state(request)
+    sr = wants_sr(request)  # hook (#23): pipeline/serve/sr.py
     async with _admitted(state, request, "file", 1) as (upload,):
-        rgb = await decode(state, upload)
+        data = await read_upload(upload, state.settings.max_upload_bytes)
+        if sr:
+            require_dicom(data)
+        rgb = await decode_data(state, data)
         ((det, ms),) = await infer(state, request, [rgb])
         if isinstance(det, ApiError):
             raise det
+        if sr:
+            return await sr_response(state, data, det)
         return result(state, det, rgb, ms)
 
 
@@ -188,7 +200,12 @@ def router(settings: ServeSettings, guard: Callable[..., None]) -> APIRouter:
     """All endpoints; ``guard`` (see ``pipeline.serve.auth``) protects /v1/*, and /metrics with metrics_auth."""
     auth = [Depends(guard)]
     r = APIRouter()
-    r.add_api_route(DETECT, detect, methods=["POST"], response_model=DetectResult, responses=ERROR_RESPONSES,
+    r.add_api_route(DETECT, detect, methods=["POST"], response_model=DetectResult,
+                    responses={**ERROR_RESPONSES, 200: {"content": {DICOM_MEDIA_TYPE: {}}, "description":
+                                                        "JSON detections, or with `Accept: application/dicom` on a "
+                                                        "DICOM upload a DICOM Structured Report"},
+                               406: {"model": ERROR_RESPONSES[401]["model"],
+                                     "description": "an SR was asked for a non-DICOM upload"}},
                     tags=["detection"], openapi_extra=multipart_doc("file", many=False), dependencies=auth)
     r.add_api_route(BATCH, detect_batch, methods=["POST"], response_model=BatchResult, responses=ERROR_RESPONSES,
                     tags=["detection"], openapi_extra=multipart_doc("files", many=True), dependencies=auth)

@@ -137,12 +137,13 @@ def test_bad_fraction_over_limit_fails_with_report(tmp_path: Path, bad_voc: Path
 
 
 def _dicom_csv_dataset(root: Path, phantom: Path) -> Path:
-    """Phantom slices plus a truncated DICOM, one without pixel data and a JPEG-LS one, and a CSV row to nowhere."""
+    """Phantom slices plus a truncated DICOM, one without pixel data, one whose compression no installed decoder
+    reads (12-bit JPEG Extended; JPEG-LS is read since pyjpegls came with highdicom), and a CSV row to nowhere."""
     shutil.copytree(phantom, root)
     bad = root / "dicom" / "BAD"
     bad.mkdir()
     shutil.copy(get_testdata_file("MR_truncated.dcm", download=False), bad / "truncated.dcm")
-    shutil.copy(get_testdata_file("JPEGLSNearLossless_16.dcm", download=False), bad / "jpegls.dcm")
+    shutil.copy(get_testdata_file("JPEG-lossy.dcm", download=False), bad / "undecodable.dcm")
     src = next((root / "dicom").rglob("000.dcm"))
     ds = pydicom.dcmread(src)
     del ds.PixelData
@@ -159,7 +160,7 @@ def test_dicom_bad_inputs(tmp_path: Path, small_phantom: Path) -> None:
     by_file = _kinds(report)
     assert [(p["kind"], p["action"]) for p in by_file["truncated"]] == [("corrupt_dicom", "image_quarantined")]
     assert [(p["kind"], p["action"]) for p in by_file["nopixels"]] == [("dicom_no_pixel_data", "image_quarantined")]
-    assert [p["kind"] for p in by_file["jpegls"]] == ["dicom_unsupported_compression"]
+    assert [p["kind"] for p in by_file["undecodable"]] == ["dicom_unsupported_compression"]
     missing = [p for p in report["problems"] if p["kind"] == "missing_image"]
     assert len(missing) == 1 and missing[0]["action"] == "box_dropped" and "missing.dcm" in missing[0]["detail"]
 
