@@ -375,11 +375,12 @@ def build(images: Sequence[str], base: str) -> dict[str, float]:
     if tool is None:
         raise BuildError(f"no image builder: {why} (install Docker, or buildah: apt-get install buildah)")
     timings: dict[str, float] = {}
-    refresh_project_wheel()
-    for image in images:
+    for image in images:  # a missing wheelhouse is named first: refreshing the project wheel cannot make one
         lock = WHEELHOUSE / image / "requirements.txt"
         if not lock.is_file() or not (WHEELHOUSE / "project" / "requirements.txt").is_file():
             raise BuildError(f"no wheelhouse for {image}: run `make wheelhouse IMAGES=\"{' '.join(images)}\"`")
+    refresh_project_wheel()
+    for image in images:
         default = dockerfile_base(image)
         if base == "public" or (base == "auto" and image_exists(tool, default)):
             args = {"BASE_IMAGE": qualified(tool, default)}
