@@ -188,6 +188,9 @@ class ModelFamily(ABC):
     coco_assets: ClassVar[Mapping[str, str]]  # model -> asset name in pipeline/assets.py (COCO weights)
     export_params: ClassVar[type[ExportSettings]]  # the export.<name> section, with its defaults
     dynamic_batch: ClassVar[bool]  # the ONNX graph takes N images per call (else one image per call)
+    #: How ``train.device`` "0,1" / "cpu:N" trains: "torchrun" (detflow starts the ranks and the family's loop uses
+    #: pipeline/train/distributed.py), "own" (the family's trainer runs its own DDP for GPU lists), "none" (refused).
+    data_parallel: ClassVar[str] = "none"
 
     # --- torch: training, inference, export --------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def resolve_device(device: str) -> str:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
         return "0" if n else "cpu"
-    if device == "cpu":
+    if device == "cpu" or device.startswith("cpu:"):  # cpu:N: N processes, each on the CPU (train/distributed.py)
         return "cpu"
     if n == 0:
         raise ConfigError(f"train.device is {device!r} but no CUDA GPU is available here "

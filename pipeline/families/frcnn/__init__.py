@@ -45,6 +45,7 @@ class FrcnnFamily(ModelFamily):
     coco_assets = {m: f"{m}-coco" for m in models}  # torchvision's COCO_V1 weights (pipeline/assets.py)
     export_params = FrcnnExport
     dynamic_batch = False  # the graph is exported for one image at a time
+    data_parallel = "torchrun"  # train.device "0,1" / "cpu:N": pipeline/train/distributed.py
 
     def resolve_pretrained(self, tp: TrainParams, raw_dir: Path, mirrors: Sequence[Path] | None, trust: bool,
                            progress: bool) -> tuple[PretrainedSource, Any]:

@@ -40,6 +40,7 @@ class YoloFamily(ModelFamily):
     coco_assets = {"yolov5n": "yolov5n-coco", "yolo11n": "yolo11n-coco", "yolo11s": "yolo11s-coco"}
     export_params = YoloExport
     dynamic_batch = True
+    data_parallel = "own"  # train.device "0,1": Ultralytics' own DDP (device=[0,1]); no CPU data parallelism
 
     def resolve_pretrained(self, tp: TrainParams, raw_dir: Path, mirrors: Sequence[Path] | None, trust: bool,
                            progress: bool) -> tuple[PretrainedSource, Any]:
