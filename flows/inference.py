@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.cluster import task_runner_for
 from pipeline import registry
-from pipeline.infer.shards import DEFAULT_SHARD_SIZE, InferSettings, Shard
+from pipeline.infer.shards import FLOW_SHARD_SIZE, InferSettings, Shard
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
@@ -53,7 +53,7 @@ def infer_shard(shard: Shard, settings: InferSettings, out: str) -> dict[str, An
 
 @flow(name="batch-inference-shards", description="Batch inference cut into shards, one task per shard on the flow's "
       "task runner (a Dask cluster)")
-def sharded_inference(model_path: str, source: str, out: str, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+def sharded_inference(model_path: str, source: str, out: str, shard_size: int = FLOW_SHARD_SIZE) -> dict[str, Any]:
     """Plan the shards, run the unfinished ones as tasks, merge: the same outputs as in process, resumable."""
     from pipeline.infer.batch import collect_sources
     from pipeline.infer.engine import OnnxDetector
@@ -83,11 +83,12 @@ def sharded_inference(model_path: str, source: str, out: str, shard_size: int = 
       "DICOM series, file list or COCO split; in process, or in shards on a Dask cluster")
 def batch_inference(source: str, model: str = "champion", out: str = "predictions",
                     registry_root: str = str(registry.DEFAULT_ROOT), cluster: str | None = None,
-                    shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+                    shard_size: int = FLOW_SHARD_SIZE) -> dict[str, Any]:
     """Predictions for ``source`` written to ``out/predictions.json``; returns the batch summary and the model.
 
-    ``cluster``: ``local:N`` or ``tcp://HOST:PORT`` runs the shards (``shard_size`` inputs each) as tasks on a
-    ``DaskTaskRunner`` there; None (default) runs in this process as before.
+    ``cluster``: ``local:N`` or ``tcp://HOST:PORT`` runs the shards (``shard_size`` inputs each; large, because a
+    Prefect task costs far more than a Dask task: see FLOW_SHARD_SIZE) as tasks on a ``DaskTaskRunner`` there; None
+    (default) runs in this process as before.
     """
     model_path = resolve_model(model, registry_root)
     if cluster is None:

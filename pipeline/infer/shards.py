@@ -30,6 +30,7 @@ Lustre on Slurm, a ReadWriteMany volume on Kubernetes; trivially so for ``local:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -62,9 +63,13 @@ if TYPE_CHECKING:
 SHARD_DIR = "shards"
 PLAN_FILE = "plan.json"
 FORMAT = 1
-#: Default inputs per shard. bench/scale_out.py measures the scheduler's cost per task against a shard's time; at
-#: 64 inputs a shard takes ~1 s on one CPU core (yolov5n, 416 px) and the Dask scheduler ~1-3 ms of it (< 1 %).
+#: Default inputs per shard of `detflow infer --cluster`, sized by bench/scale_out.py so the per-task cost stays
+#: under 2 % of a shard's time: a Dask task cost 5-12 ms on the busy 2-core machine, a shard of 64 BCCD images
+#: (yolov5n, 416 px, ~28 ms per image on one core) ~1.8 s, so < 1 %.
 DEFAULT_SHARD_SIZE = 64
+#: Default of the batch-inference flow, whose shards are Prefect tasks: each costs far more (state reports to the
+#: Prefect API: ~0.5 s measured on the same busy machine), so shards must be ~1000 images for the 2 % budget.
+FLOW_SHARD_SIZE = 1024
 
 
 class ShardsFailed(DetflowError):
@@ -281,7 +286,8 @@ def run_shard(shard: Shard, settings: InferSettings, out: str) -> dict[str, Any]
     seconds = round(time.perf_counter() - t0, 4)
     doc = {"format": FORMAT, "shard": shard.id, "index": shard.index, "key": settings.key(), "results": results,
            "embeddings": _encode(vectors), "groups": groups, "worker": worker, "seconds": seconds}
-    atomic_write_json(shard_file(Path(out), shard), doc)
+    # atomic (never torn, so never half-read), not fsynced: a file lost at a power cut is recomputed (read_shard)
+    atomic_write_json(shard_file(Path(out), shard), doc, durable=False)
     return {"shard": shard.id, "n": len(shard), "n_errors": sum("error" in r for r in results), "n_detections": n_det,
             "worker": worker, "seconds": seconds}
 
@@ -369,7 +375,7 @@ def run_on_cluster(detector: OnnxDetector, items: list[Source], out: Path, setti
                    spec: ClusterSpec, *,
                    shard_size: int = DEFAULT_SHARD_SIZE, timeout_s: float = 10.0, progress: bool = True,
                    source: Path | None = None, shift_source: str | None = None,
-                   on_shard: Callable[[dict[str, Any]], None] | None = None) -> ClusterRun:
+                   on_shard: Callable[[dict[str, Any]], None] | None = None, client: Any = None) -> ClusterRun:
     """``detflow infer --cluster``: plan, submit the unfinished shards to the cluster, wait, merge.
 
     ``detector``: the model opened on the client (card, classes and the shift reference for the merge; the
@@ -377,7 +383,8 @@ def run_on_cluster(detector: OnnxDetector, items: list[Source], out: Path, setti
 
     Shards that fail (a task error, or a shard whose workers kept dying: Dask's ``KilledWorker``) do not stop the
     others; afterwards :class:`ShardsFailed` names them, and the finished shards stay on disk for a rerun.
-    A lost scheduler raises :class:`~pipeline.cluster.ClusterError` the same way.
+    A lost scheduler raises :class:`~pipeline.cluster.ClusterError` the same way. ``client``: a connected
+    ``distributed.Client`` to use instead of connecting to ``spec`` (bench/scale_out.py keeps its clusters up).
     """
     from tqdm import tqdm
 
@@ -392,7 +399,7 @@ def run_on_cluster(detector: OnnxDetector, items: list[Source], out: Path, setti
     with tqdm(total=len(items), initial=sum(len(s) for s in shards if s.id in done), desc="inference", unit="img",
               disable=not progress) as bar:
         if todo:
-            with connect(spec, timeout_s) as client:
+            with contextlib.nullcontext(client) if client is not None else connect(spec, timeout_s) as client:
                 from distributed import as_completed
 
                 futures = {client.submit(run_shard, s, settings, str(Path(out).resolve()), key=f"detflow-shard-{s.id}",
