@@ -37,6 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import _interleaved  # noqa: E402 - bench/inference.py: median of interleaved whole passes
+
 GOAL_2V1 = 1.8
 GOAL_VS_INPROCESS = 0.9
 OVERHEAD_BUDGET = 0.02
@@ -88,18 +91,6 @@ def _listing(images: Path, copies: int, folder: Path) -> Path:
     path = folder / "inputs.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _median_passes(arms: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    for fn in arms.values():
-        fn()  # warm-up: models loaded in every worker and in process
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(repeats):
-        for name, fn in arms.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
             arms = {"cluster_1x1": on_cluster(1), "cluster_2x1": on_cluster(2),
                     "inprocess_2x1": in_process(inproc_2, 2), "inprocess_auto": in_process(inproc_auto, auto_workers)}
-            seconds = _median_passes(arms, args.repeats)
+            seconds = _interleaved(arms, args.repeats)  # warm-up pass, then whole passes in turn
             dask_ms = _dask_task_ms(clients[2], 2, args.tasks)
         finally:
             for c in clients.values():
