@@ -151,7 +151,7 @@ def plan_shards(items: list[Source], shard_size: int, settings: InferSettings,
     key = settings.key()
     shards = []
     for index, start in enumerate(range(0, len(items), shard_size)):
-        chunk = tuple((name, int(image_id), str(Path(path).resolve()), coco.get(name))
+        chunk = tuple((name, int(image_id), os.path.abspath(path), coco.get(name))  # no syscall per input
                       for name, image_id, path in items[start:start + shard_size])
         digest = hashlib.sha256(json.dumps([key, chunk]).encode()).hexdigest()[:12]
         shards.append(Shard(id=f"{index:06d}-{digest}", index=index, items=chunk))
@@ -200,6 +200,26 @@ _LOCK = threading.Lock()
 _LOADS = 0  # models loaded by this process (the per-worker "once" is checked on it)
 
 
+def tune_allocator() -> bool:
+    """Keep image-sized buffers on the heap in a Dask worker started by a nanny; True when changed.
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand freed memory back to the OS), which also
+    pins glibc's mmap threshold at 128 KiB: every decoded image, letterbox buffer and float copy above that is then
+    a fresh ``mmap`` whose pages fault in again, image after image. Measured on the same shard, interleaved: 0.36 s
+    per shard in such a worker, 0.145 s after this, 0.144 s in a plain process. An inference worker reuses the same
+    few buffer sizes, so: mmap threshold 64 MiB, trim threshold 256 MiB (``mallopt``, glibc only, this process only).
+    """
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
+        return False  # glibc's own dynamic thresholds are in effect
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 << 20) and libc.mallopt(-1, 256 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def worker_detector(settings: InferSettings) -> tuple[OnnxDetector, int]:
     """This process's detector for ``settings`` (loaded on the first call, then shared by every shard task of the
     process, across threads) and how many models the process has loaded so far. The model this worker sees must be
@@ -211,6 +231,8 @@ def worker_detector(settings: InferSettings) -> tuple[OnnxDetector, int]:
     with _LOCK:
         detector = _DETECTORS.get(key)
         if detector is None:
+            if _LOADS == 0:
+                tune_allocator()
             card = Path(settings.model).with_name("model_card.json")
             if not card.is_file() or sha256_file(card) != settings.card_sha256:
                 raise ModelLoadError(f"worker {socket.gethostname()} sees another model card at {card} than the "
