@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -206,6 +207,8 @@ def test_worker_killed_mid_shard_then_client_killed_and_resumed(sources: dict[st
         assert rc == 0, stderr
         assert "24 images, " in stdout and "0 skipped" in stdout and "12 shards, 12 computed, 0 resumed" in stdout
         docs = _each_input_once(out, names)
+        n_det = int(re.search(r"24 images, (\d+) detections, 0 skipped", stdout).group(1))
+        assert n_det == len(json.loads((out / "predictions.json").read_text()))  # the summary reconciles
         assert docs[4]["worker"]["pid"] == survivor.pid  # recomputed on the other worker
         loads = {d["worker"]["pid"]: d["worker"]["model_loads"] for d in docs}
         assert loads[survivor.pid] == 1 and all(d["worker"]["model_loads"] == 1 for d in docs)  # once per worker
