@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import _interleaved  # noqa: E402 - bench/inference.py: median of interleaved whole passes
+from timing import interleaved, write_result  # noqa: E402 - bench/timing.py: interleaved passes, atomic result
 
 GOAL_2V1 = 1.8
 GOAL_VS_INPROCESS = 0.9
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
             arms = {"cluster_1x1": on_cluster(1), "cluster_2x1": on_cluster(2),
                     "inprocess_2x1": in_process(inproc_2, 2), "inprocess_auto": in_process(inproc_auto, auto_workers)}
-            seconds = _interleaved(arms, args.repeats)  # warm-up pass, then whole passes in turn
+            seconds = interleaved(arms, args.repeats)  # warm-up pass, then whole passes in turn
             dask_ms = _dask_task_ms(clients[2], 2, args.tasks)
         finally:
             for c in clients.values():
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
            "overhead": overhead, "projection_100_workers": projection, "model": str(args.model),
            "inprocess_auto_plan": [auto_workers, auto_threads], "cpus": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0]}
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(args.out)
+    write_result(args.out, doc)
     return 0
 
 

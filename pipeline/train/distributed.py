@@ -1,7 +1,7 @@
 """Data-parallel training (PyTorch's own: ``torch.distributed`` + ``torchrun``) for families whose loop is ours.
 
 ``train.device: "0,1"`` (GPUs) or ``"cpu:2"`` (processes on the CPU, for tests and CPU-only hosts) makes
-:func:`pipeline.train.train_model` start ``torchrun --standalone --nproc-per-node N`` (:func:`launch`); every rank
+:func:`pipeline.train.stage.train_model` start ``torchrun --standalone --nproc-per-node N`` (:func:`launch`); every rank
 runs the family's own training function, which asks :func:`context` where it is. The same loop then runs on one
 process or many, as in torchvision's detection references. Family-agnostic pieces, each small:
 
@@ -20,7 +20,7 @@ process or many, as in torchvision's detection references. Family-agnostic piece
   unfreezing), BatchNorm synchronised across GPUs (``SyncBatchNorm``; torch has none on CPU);
 * :func:`mean_across`, :func:`broadcast`, :func:`barrier`, ``Context.main`` (the rank-0 guard).
 
-Equivalence with one process (tests/test_ddp.py): the gradients DDP averages equal the one-process gradient of the
+Equivalence with one process (tests/model/test_ddp.py): the gradients DDP averages equal the one-process gradient of the
 global batch when every rank's loss is the mean over as many terms as its share of the batch. For Faster R-CNN
 that holds once each image contributes its full quota of sampled anchors (256) and proposals (512), which is the
 case at usual input sizes; and only when no BatchNorm computes batch statistics in training (frozen groups run
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.config import Params
-    from pipeline.train.common import TrainResult
+    from pipeline.contracts.results import TrainResult
 
 log = logging.getLogger(__name__)
 ENV_MARK = "DETFLOW_DDP"  # set by launch(): a rank of a detflow data-parallel run (not any torchrun job)
@@ -78,14 +78,15 @@ class DevicePlan:
 
 def device_plan(device: str) -> DevicePlan | None:
     """The processes ``train.device`` asks for, or None for a single-process run (``auto``, ``cpu``, ``cuda``, one
-    GPU index, ``cpu:1``). GPU indices are checked against the GPUs present (:func:`common.resolve_device`)."""
+    GPU index, ``cpu:1``). GPU indices are checked against the GPUs present
+    (:func:`pipeline.train.devices.resolve_device`)."""
     device = str(device).strip()
     if device.startswith("cpu:"):
         n = int(device.removeprefix("cpu:"))
         return DevicePlan("cpu", tuple(range(n))) if n > 1 else None
     if device in ("auto", "cpu", "cuda") or "," not in device:
         return None
-    from pipeline.train.common import resolve_device
+    from pipeline.train.devices import resolve_device
 
     ids = tuple(int(i) for i in resolve_device(device).split(","))
     return DevicePlan("cuda", ids) if len(ids) > 1 else None
@@ -334,11 +335,15 @@ def _die_with_parent(sig: int = 15) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
 
 
-def launch(plan: DevicePlan, params: Params, *, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
-           raw_dir: Path, mirrors: list[Path] | None, trust: bool, progress: bool) -> TrainResult:
-    """Run the family's training on ``plan.world`` processes under ``torchrun`` and return rank 0's result."""
+def launch(plan: DevicePlan, params: Params, *, entry: str, prepared: Path, out_dir: Path, reports_dir: Path,
+           workdir: Path, raw_dir: Path, mirrors: list[Path] | None, trust: bool, progress: bool) -> TrainResult:
+    """Run the family's training on ``plan.world`` processes under ``torchrun`` and return rank 0's result.
+
+    ``entry`` is the module each rank runs (``python -m entry SPEC``; it calls :func:`rank_main` with the function
+    that trains: ``pipeline.train.stage``, which reaches the family's backend, a layer above this module)."""
+    from pipeline.contracts.results import TrainResult
     from pipeline.fileio import atomic_write_json, private_workdir, remove_leftovers
-    from pipeline.train.common import TrainResult, cpu_threads
+    from pipeline.train.devices import cpu_threads
 
     check_plan(plan, params)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +363,7 @@ def launch(plan: DevicePlan, params: Params, *, prepared: Path, out_dir: Path, r
             order = visible.split(",") if visible else [str(i) for i in range(max(plan.ids) + 1)]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(order[i] for i in plan.ids)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-               str(plan.world), "-m", __name__, str(scratch / "spec.json")]
+               str(plan.world), "-m", entry, str(scratch / "spec.json")]
         log.info("data-parallel training on %d processes (%s, %s): %s", plan.world, plan.kind, plan.backend,
                  " ".join(cmd))
         proc = subprocess.run(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
@@ -379,11 +384,10 @@ def launch(plan: DevicePlan, params: Params, *, prepared: Path, out_dir: Path, r
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """A rank: run the family's training with the launcher's spec; rank 0 writes the result, a failing rank the
-    error (the parent raises it). Logs and progress bars come from rank 0 only."""
+def rank_main(train: Callable[..., TrainResult], argv: list[str] | None = None) -> int:
+    """A rank: run ``train`` (``train_model``'s signature) with the launcher's spec; rank 0 writes the result, a
+    failing rank the error (the parent raises it). Logs and progress bars come from rank 0 only."""
     from pipeline.config import Params
-    from pipeline.families import get_family
     from pipeline.fileio import atomic_write_json
 
     args = sys.argv[1:] if argv is None else argv
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(levelname)s %(name)s [rank {rank}]: %(message)s")
     try:
         params = Params.model_validate(spec["params"])
-        result = get_family(params.train.family).train(
+        result = train(
             params, Path(spec["prepared"]), Path(spec["out_dir"]), Path(spec["reports_dir"]), Path(spec["workdir"]),
             Path(spec["raw_dir"]), [Path(m) for m in spec["mirrors"]] if spec["mirrors"] is not None else None,
             bool(spec["trust"]), bool(spec["progress"]) and rank == 0)
@@ -414,6 +418,3 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    sys.exit(main())
