@@ -244,11 +244,13 @@ def _env(repo: Path) -> dict[str, str]:
     return env
 
 
-def run_logged(args: list[str], repo: Path, log_lines: bool = True) -> tuple[int, str]:
-    """Run a command in ``repo``, streaming each output line to the Prefect log; return (exit code, output)."""
+def run_logged(args: list[str], repo: Path, log_lines: bool = True,
+               extra_env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command in ``repo``, streaming each output line to the Prefect log; return (exit code, output).
+    ``extra_env``: variables for this command only (flows/arms.py: each arm's work folder)."""
     log = _logger() if log_lines else None
-    proc = subprocess.Popen(args, cwd=repo, env=_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(args, cwd=repo, env={**_env(repo), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:

@@ -151,9 +151,12 @@ class BaseTrainParams(_Section):
     @classmethod
     def _device(cls, v: str) -> str:
         v = str(v).strip()
-        ok = v in ("auto", "cpu", "cuda") or all(p.strip().isdigit() for p in v.split(","))
+        n = v.removeprefix("cpu:")
+        ok = v in ("auto", "cpu", "cuda") or all(p.strip().isdigit() for p in v.split(",")) \
+            or (v.startswith("cpu:") and n.isdigit() and 1 <= int(n) <= 256)
         if not ok:
-            raise ValueError(f"unknown device {v!r}; expected one of: auto, cpu, cuda, or GPU indices like 0 or 0,1")
+            raise ValueError(f"unknown device {v!r}; expected one of: auto, cpu, cuda, GPU indices like 0 or 0,1, or "
+                             "cpu:N (N data-parallel processes on the CPU)")
         return v
 
     @field_validator("pretrained_sha256", mode="before")

@@ -56,6 +56,19 @@ def adapt(
                f"-> {out / 'model_card.json'}")
 
 
+def _cluster(value: str | None) -> str | None:
+    """--cluster: local:N or tcp://HOST:PORT, checked while parsing (before anything is listed or loaded)."""
+    from pipeline.cluster import parse_cluster
+    from pipeline.errors import ConfigError
+
+    if value is not None:
+        try:
+            parse_cluster(value)
+        except ConfigError as e:
+            raise typer.BadParameter(str(e).removeprefix(f"--cluster {value!r}: ")) from None
+    return value
+
+
 @app.command()
 def infer(
     source: Annotated[Path, typer.Argument(help="image, folder, DICOM series, file list (.txt) or COCO split (.json)")],
@@ -71,6 +84,12 @@ def infer(
                                                help="score threshold in [0, 1] (default: the card's)")] = None,
     sr: Annotated[Path | None, typer.Option(help="also write one DICOM Structured Report per DICOM series here "
                                             "(non-DICOM inputs get none)")] = None,
+    cluster: Annotated[str | None, typer.Option(callback=_cluster, help="run on a Dask cluster: local:N (N worker "
+                                                "processes here) or tcp://HOST:PORT (a running dask scheduler); "
+                                                "shards in OUT/shards/, a rerun resumes")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="inputs per cluster task (--cluster)")] = 64,
+    cluster_timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for the scheduler and a first "
+                                                   "worker (--cluster)")] = 10.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference with the ONNX engine; bad files are reported and skipped, never abort the batch."""
@@ -78,28 +97,50 @@ def infer(
     from pipeline.infer.batch import collect_sources, run_batch, source_folders
     from pipeline.infer.engine import OnnxDetector, plan_workers
 
+    if cluster is not None and workers:
+        raise typer.BadParameter("--workers is for in-process inference; with --cluster each dask worker's "
+                                 "--nthreads sets how many shards it runs at once", param_hint="'--workers'")
     items = collect_sources(source)  # a bad source or output folder fails here, before the model loads
     writable(out, "output folder")
     check_io([("source", source), ("model", model), *(("dataset folder", f) for f in source_folders(source)),
               *((f"input {name}", path) for name, _, path in items)],
              [*(Write("output", out / n) for n in ("predictions.json", "infer_errors.json", "shift.json")),
-              *([Write("rendered images folder", out / "rendered", "into")] if render else [])])
-    if sr is not None:
-        writable(sr, "SR folder")
-    workers, threads = plan_workers(workers)
-    detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
-    if conf is not None:
-        detector.conf = conf
+              *([Write("rendered images folder", out / "rendered", "into")] if render else []),
+              *([Write("shards folder", out / "shards", "into")] if cluster is not None else [])])
     reports = None
-    if sr is not None:  # DICOM Structured Reports, pipeline/dicom/files.py
-        from pipeline.dicom.files import SeriesReports
+    if sr is not None:
+        if cluster is not None:
+            raise typer.BadParameter("--sr runs in process; leave out --cluster (or run `detflow pacs run`)",
+                                     param_hint="'--sr'")
+        writable(sr, "SR folder")
+    if cluster is not None:
+        from pipeline.cluster import parse_cluster
+        from pipeline.infer.shards import run_on_cluster, settings_for
 
-        reports = SeriesReports(detector.card, detector.conf)
-    s = run_batch(detector, items, out, batch=batch, render=render, progress=progress_on(quiet), workers=workers,
-                  shift_source=str(source), on_result=reports.add if reports is not None else None)
+        settings = settings_for(model, conf=conf, batch=batch, render=render, providers=providers,
+                                require_gpu=require_gpu)
+        client_side = OnnxDetector(model, providers="CPUExecutionProvider", threads=1)  # checked before any work
+        run = run_on_cluster(client_side, items, out, settings, parse_cluster(cluster), shard_size=shard_size,
+                             timeout_s=cluster_timeout, progress=progress_on(quiet), source=source,
+                             shift_source=str(source))
+        s = run.summary
+        how = (f"cluster {cluster}: {run.n_shards} shards, {run.computed} computed, {run.resumed} resumed, "
+               f"{len(run.workers)} worker processes")
+    else:
+        workers, threads = plan_workers(workers)
+        detector = OnnxDetector(model, providers=providers, require_gpu=require_gpu, threads=threads)
+        if conf is not None:
+            detector.conf = conf
+        if sr is not None:  # DICOM Structured Reports, pipeline/dicom/files.py
+            from pipeline.dicom.files import SeriesReports
+
+            reports = SeriesReports(detector.card, detector.conf)
+        s = run_batch(detector, items, out, batch=batch, render=render, progress=progress_on(quiet),
+                      workers=workers, shift_source=str(source),
+                      on_result=reports.add if reports is not None else None)
+        how = f"{workers} workers x {threads} threads"
     typer.echo(f"infer: {s.n_images} images, {s.n_detections} detections, {len(s.errors)} skipped "
-               f"(providers: {', '.join(s.providers)}; {workers} workers x {threads} threads) "
-               f"-> {out / 'predictions.json'}")
+               f"(providers: {', '.join(s.providers)}; {how}) -> {out / 'predictions.json'}")
     if s.shift is not None:
         typer.echo(f"shift: MMD² {s.shift['statistic']:.4g}, p = {s.shift['p_value']:.3g} "
                    f"({'SHIFTED' if s.shift['shifted'] else 'no shift'} at alpha {s.shift['alpha']}) "

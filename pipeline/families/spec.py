@@ -42,6 +42,9 @@ class FamilySpec(ABC):
     export_params: ClassVar[type[ExportSettings]]  # the export.<name> section, with its defaults
     dynamic_batch: ClassVar[bool]  # the ONNX graph takes N images per call (else one image per call)
     renamed_from: ClassVar[tuple[str, ...]] = ()  # earlier names of this family in checkpoints and model cards
+    #: How ``train.device`` "0,1" / "cpu:N" trains: "torchrun" (detflow starts the ranks and the family's loop uses
+    #: pipeline/train/distributed.py), "own" (the family's trainer runs its own DDP for GPU lists), "none" (refused).
+    data_parallel: ClassVar[str] = "none"
 
     @abstractmethod
     def card_output(self, model: str, classes: list[str]) -> dict[str, Any]:

@@ -118,21 +118,26 @@ def source_groups(source: Path | None, items: list[Source]) -> list[str | None]:
     A COCO split gives its images' ``patient`` / ``patient_id`` (prepare writes pseudonyms there); a DICOM file its
     PatientID, hashed at once (it never leaves the process; shift.json reports only counts); any other image
     has no patient. A header that cannot be read leaves the image on its own (decoding reports the file)."""
-    coco: dict[str, str] = {}
-    if source is not None and source.is_file() and source.suffix == ".json":
-        images = parse_json(_read_text(source, "COCO dataset")).get("images") or []
-        coco = {img["file_name"]: pid for img in images if (pid := _patient(img)) is not None}
-    groups: list[str | None] = []
-    for name, _, path in items:
-        if name in coco:
-            groups.append(coco[name])
-        elif path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES
-                                                        and looks_like_dicom(path)):
-            patient = _dicom_patient(path)
-            groups.append("dicom:" + hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else None)
-        else:
-            groups.append(None)
-    return groups
+    coco = coco_patients(source)
+    return [item_group(name, path, coco) for name, _, path in items]
+
+
+def coco_patients(source: Path | None) -> dict[str, str]:
+    """``file_name -> patient`` of a COCO split's images (``patient`` / ``patient_id``); empty for other sources."""
+    if source is None or not (source.is_file() and source.suffix == ".json"):
+        return {}
+    images = parse_json(_read_text(source, "COCO dataset")).get("images") or []
+    return {img["file_name"]: pid for img in images if (pid := _patient(img)) is not None}
+
+
+def item_group(name: str, path: Path, coco: dict[str, str]) -> str | None:
+    """One input's patient (see :func:`source_groups`): the COCO entry's, else a DICOM file's hashed PatientID."""
+    if name in coco:
+        return coco[name]
+    if path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES and looks_like_dicom(path)):
+        patient = _dicom_patient(path)
+        return "dicom:" + hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else None
+    return None
 
 
 def _patient(img: dict[str, Any]) -> str | None:
@@ -203,9 +208,7 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
             if on_result is not None:  # hook (#23, DICOM SR): every outcome, in input order
                 on_result(r.source[2], r.detections if r.error is None else None)
             if r.error is not None:
-                kind = getattr(r.error, "kind", "unreadable")
-                detail = getattr(r.error, "detail", None) or str(r.error)
-                summary.errors.append({"file": name, "kind": kind, "detail": detail})
+                summary.errors.append(error_entry(name, r.error))
                 continue
             d = r.detections
             assert d is not None and r.rgb is not None
@@ -214,30 +217,49 @@ def run_batch(detector: OnnxDetector, source: Path | list[Source], out_dir: Path
             if r.embedding is not None:
                 vectors.append(r.embedding)
                 vector_groups.append(group_of.get(name))
-            for (x1, y1, x2, y2), s, c in zip(d.boxes, d.scores, d.labels, strict=True):
-                results.append({"image_id": image_id, "file_name": name, "category_id": int(c) + 1,
-                                "category": detector.classes[int(c)],
-                                "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2),
-                                         round(float(y2 - y1), 2)], "score": round(float(s), 5)})
+            results += prediction_rows(name, image_id, d, detector.classes)
             if render:
                 _render(r.rgb, d, detector.classes, out_dir / "rendered" / f"{Path(name).stem}.png")
     atomic_write_json(out_dir / predictions_name, results)
     atomic_write_json(out_dir / "infer_errors.json", summary.errors)
     if shift:
         source_name = shift_source if shift_source is not None else str(source) if isinstance(source, Path) else None
-        try:
-            if not embed:
-                detector.require_embeddings()
-            result, doc, _, _ = shift_test(detector, vectors, source=source_name, groups=vector_groups,
-                                           n_skipped=len(summary.errors))
-            atomic_write_json(out_dir / SHIFT_FILE, doc)
-            summary.shift = doc
-        except (ShiftError, EmbeddingsUnavailable) as e:
-            summary.shift_note = str(e)
-            # written all the same: a stale result of an earlier run must not stand beside these predictions
-            atomic_write_json(out_dir / SHIFT_FILE, {"tested": False, "reason": summary.shift_note,
-                                                     "source": source_name})
+        summary.shift, summary.shift_note = write_shift(detector, out_dir, vectors, vector_groups,
+                                                        n_skipped=len(summary.errors), source=source_name)
     return summary
+
+
+def prediction_rows(name: str, image_id: int, d: Detections, classes: list[str]) -> list[dict]:
+    """One image's detections as COCO results rows (``predictions.json``): xywh boxes in original pixels."""
+    return [{"image_id": image_id, "file_name": name, "category_id": int(c) + 1, "category": classes[int(c)],
+             "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
+             "score": round(float(s), 5)}
+            for (x1, y1, x2, y2), s, c in zip(d.boxes, d.scores, d.labels, strict=True)]
+
+
+def error_entry(name: str, error: BaseException) -> dict:
+    """An ``infer_errors.json`` entry for an input that could not be read."""
+    return {"file": name, "kind": getattr(error, "kind", "unreadable"),
+            "detail": getattr(error, "detail", None) or str(error)}
+
+
+def write_shift(detector: OnnxDetector, out_dir: Path, vectors: list[np.ndarray] | np.ndarray,
+                groups: list[str | None], *, n_skipped: int, source: str | None,
+                n_images: int | None = None) -> tuple[dict | None, str | None]:
+    """Batch inference's ``shift.json``: the test of ``vectors`` against the model's reference, or, when it cannot
+    run (no embedding output, too few images), a document saying why. Returns (document or None, reason or None).
+    ``n_images``: how many images were read, when ``vectors`` is already a subsample of theirs."""
+    try:
+        detector.require_embeddings()
+        _, doc, _, _ = shift_test(detector, vectors, source=source, groups=groups, n_skipped=n_skipped)
+        if n_images is not None:
+            doc["n_images"] = n_images
+    except (ShiftError, EmbeddingsUnavailable) as e:
+        # written all the same: a stale result of an earlier run must not stand beside these predictions
+        atomic_write_json(out_dir / SHIFT_FILE, {"tested": False, "reason": str(e), "source": source})
+        return None, str(e)
+    atomic_write_json(out_dir / SHIFT_FILE, doc)
+    return doc, None
 
 
 def shift_test(detector: OnnxDetector, vectors: list[np.ndarray] | np.ndarray, *, source: str | None = None,

@@ -45,6 +45,7 @@ class TorchvisionSpec(FamilySpec):
     export_params = TorchvisionExport
     dynamic_batch = False  # the graph is exported for one image at a time
     renamed_from = ("frcnn",)  # the Faster R-CNN family before RetinaNet and SSDlite joined it
+    data_parallel = "torchrun"  # train.device "0,1" / "cpu:N": pipeline/train/distributed.py
 
     def card_output(self, model: str, classes: list[str]) -> dict[str, Any]:
         if model_row(model).nms == "graph":

@@ -140,8 +140,12 @@ def _collate(batch: list[Any]) -> tuple[Any, ...]:
     return tuple(zip(*batch, strict=True))
 
 
-def make_loader(ds: CocoDetection, tp: TrainParams, shuffle: bool, workers: int, pin: bool,
-            generator: torch.Generator | None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ds, batch_size=tp.batch, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=_collate, pin_memory=pin, generator=generator,
-                                       worker_init_fn=_worker_init if workers else None, drop_last=False)
+def make_loader(ds: Any, tp: TrainParams, shuffle: bool, workers: int, pin: bool,
+                generator: torch.Generator | None, sampler: Any = None,
+                batch: int | None = None) -> torch.utils.data.DataLoader:
+    """``sampler`` / ``batch``: the training order and this process's share of the batch (DDP:
+    pipeline/train/distributed.py); default: ``shuffle`` with ``generator`` and ``train.batch``."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch or tp.batch, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin,
+                                       generator=generator, worker_init_fn=_worker_init if workers else None,
+                                       drop_last=False)

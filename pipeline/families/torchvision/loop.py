@@ -110,7 +110,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     for images, targets in bar:
         images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device),
+                    "image_id": t["image_id"]} for t in targets]  # DDP: image_id keys the sampling (distributed.py)
         with torch.autocast(device.type, enabled=scaler is not None):
             losses = model(images, targets)
             loss = sum(losses.values())

@@ -37,6 +37,7 @@ from pipeline.families.torchvision.loop import (
 from pipeline.families.torchvision.models import model_row
 from pipeline.families.torchvision.pretrained import resolve_torchvision_pretrained, transferable_params
 from pipeline.fileio import atomic_write_json, atomic_write_text
+from pipeline.train import distributed  # data-parallel machinery (lines marked "DDP")
 from pipeline.train.devices import cpu_threads, resolve_device
 from pipeline.train.publish import publish_run
 from pipeline.train.runs import check_prepared, run_fingerprint
@@ -145,7 +146,8 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
         raise ConfigError(f"train_torchvision got train.family={tp.family!r}")
     arch, groups_of = model_row(tp.model), layer_groups(tp.model)
     validate_schedule(tp)
-    device = _device(resolve_device(tp.device))
+    ctx = distributed.context(tp.device, single=lambda: _device(resolve_device(tp.device)))  # DDP
+    device = ctx.device
     info = check_prepared(prepared)
     train_doc = json.loads((prepared / "coco" / "train.json").read_text())
     val_doc = json.loads((prepared / "coco" / "val.json").read_text())
@@ -158,9 +160,12 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     run_dir = (workdir / f"{TORCHVISION.name}-{fingerprint}").resolve()
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     ckpt = load_resumable(last, fingerprint, tp.epochs) if tp.resume == "auto" else None
-    if ckpt is None and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ctx)  # DDP: every rank has read last.pt before rank 0 may remove it
+    if ctx.main:  # DDP: rank 0 alone prepares the run folder
+        if ckpt is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ctx)  # DDP
 
     _seed_all(tp.seed)
     model = build_model(tp.model, len(classes) + 1, tp.imgsz)
@@ -171,19 +176,25 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     elif state is not None:
         st.transferred_params = transferable_params(model, state)
         st.transfer_report = transfer_state_dict(model, state, pretrained.source, pretrained.sha256).to_dict()
-        atomic_write_json(run_dir / "transfer_report.json", st.transfer_report)
+        if ctx.main:  # DDP
+            atomic_write_json(run_dir / "transfer_report.json", st.transfer_report)
     del state
     model.to(device)
+    model = distributed.sync_batchnorm(model, ctx)  # DDP: BatchNorm over the global batch on GPUs
+    seeds = distributed.SampleSeeds(tp.seed)  # DDP: randomness keyed by the sample, not by the process
+    distributed.keyed_detection_sampling(model, seeds)  # DDP
 
     use_cuda = device.type == "cuda"
     workers = tp.workers if use_cuda else 0
     if not use_cuda:
-        torch.set_num_threads(cpu_threads(tp.cpu_threads))
+        torch.set_num_threads(ctx.cpu_threads(cpu_threads(tp.cpu_threads)))  # DDP: ranks share the cores
     gen = torch.Generator()
     train_ds = CocoDetection(prepared, prepared / "coco" / "train.json",
                              build_transforms(tp, train=True, square=arch.size == "fixed"))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))
-    train_loader = make_loader(train_ds, tp, True, workers, use_cuda, gen)
+    sampler = distributed.train_sampler(train_ds, ctx, tp.seed + 1)  # DDP: the same global batches on 1 or N ranks
+    train_loader = make_loader(distributed.KeyedSamples(train_ds, seeds), tp, True, workers, use_cuda, gen,
+                               sampler=sampler, batch=ctx.per_rank(tp.batch))  # DDP
     val_loader = make_loader(val_ds, tp, False, workers, use_cuda, None)
 
     optimizer = build_optimizer(model, tp, set(st.transferred_params))
@@ -197,29 +208,35 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"]) + 1
-        log.warning("resuming interrupted torchvision training from %s from epoch %d (epochs 0..%d done)",
-                    last, start_epoch, start_epoch - 1)
-        _truncate_live(live_dir, start_epoch)
-        _write_results_csv(run_dir / "results.csv", st.history)
+        if ctx.main:  # DDP
+            log.warning("resuming interrupted torchvision training from %s from epoch %d (epochs 0..%d done)",
+                        last, start_epoch, start_epoch - 1)
+            _truncate_live(live_dir, start_epoch)
+            _write_results_csv(run_dir / "results.csv", st.history)
     del ckpt
 
     from dvclive import Live
 
     has_val = len(val_ds) > 0
     patience = tp.patience if (tp.patience > 0 and has_val) else tp.epochs
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, resume=start_epoch > 0)
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, resume=start_epoch > 0) if ctx.main else None
+    trainer: torch.nn.Module | None = None  # DDP: the module the epoch trains through (DDP wrapper or the model)
     try:
         for epoch in range(start_epoch, tp.epochs):
             _seed_all(tp.seed + 1 + epoch)  # per-epoch streams: a resumed run draws what an uninterrupted one would
             gen.manual_seed(tp.seed + 1 + epoch)
+            sampler.set_epoch(epoch)  # DDP
+            seeds.set_epoch(epoch)  # DDP
             groups = frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
             apply_freeze(model, groups_of, groups)
             set_train_mode(model, groups_of, groups)
             st.frozen_by_epoch[epoch] = list(groups)
-            losses = train_one_epoch(model, optimizer, train_loader, device, scheduler, scaler,
-                                     f"epoch {epoch + 1}/{tp.epochs}", progress, arch.loss_keys)
-            map50, map5095 = evaluate_coco(model, tp.model, val_loader, val_doc, device, progress) if has_val \
-                else (float("nan"), float("nan"))
+            trainer = distributed.wrap(model, ctx, trainer)  # DDP: gradients all-reduced across ranks
+            losses = train_one_epoch(trainer, optimizer, train_loader, device, scheduler, scaler,
+                                     f"epoch {epoch + 1}/{tp.epochs}", progress and ctx.main, arch.loss_keys)
+            losses = distributed.mean_across(ctx, losses)  # DDP: the global batch's mean losses
+            map50, map5095 = evaluate_coco(model, tp.model, val_loader, val_doc, device, progress) \
+                if has_val and ctx.main else (float("nan"), float("nan"))  # DDP: rank 0 validates
             fit = fitness(map50, map5095)
             improved = has_val and fit > st.best_fitness
             if improved:
@@ -232,8 +249,12 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
             for g in optimizer.param_groups:
                 row["lr" if g.get("name") == "new" else f"lr_{g.get('name')}"] = float(g["lr"])
             st.history.append(row)
-            stop = st.epochs_no_improve >= patience
+            stop = distributed.broadcast(ctx, st.epochs_no_improve >= patience)  # DDP: rank 0 decides
             finished = stop or epoch == tp.epochs - 1
+            if not ctx.main:  # DDP: rank 0 alone writes metrics and checkpoints
+                if stop:
+                    break
+                continue
             # Metrics first, then best.pt, then last.pt: a kill between any two leaves a state that resume
             # repairs (extra metric rows are truncated; last.pt never claims a best.pt that is not on disk).
             _write_results_csv(run_dir / "results.csv", st.history)
@@ -254,7 +275,10 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
                             epoch + 1, patience, st.best_epoch + 1)
                 break
     finally:
-        live.end()
+        if live is not None:
+            live.end()
+    if not ctx.main:  # DDP: rank 0 publishes the run
+        return None  # type: ignore[return-value]
     group_params = group_param_counts(model, groups_of)
     return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params)
 

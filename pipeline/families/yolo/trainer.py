@@ -107,13 +107,19 @@ def _build_trainer_class() -> type:
             self.prefixes: dict[str, list[str]] = self.detflow["group_prefixes"]
             self.frozen_names: list[str] = []
             self.live: Any = None
+            # Under DDP, Ultralytics pickles the launching trainer's callbacks (ours included) and builds each rank's
+            # trainer with them (ultralytics/utils/dist.py): drop that copy of ours and add them once, for this rank.
+            for event, fns in self.callbacks.items():
+                self.callbacks[event] = [f for f in fns if getattr(f, "__module__", None) != __name__]
+            main = RANK in (-1, 0)
             self.add_callback("on_train_start", _set_cpu_threads)
-            self.add_callback("on_train_epoch_start", _apply_freeze_schedule)
+            self.add_callback("on_train_epoch_start", _apply_freeze_schedule)  # every rank: requires_grad
             self.add_callback("on_train_batch_end", _pin_frozen_ema)
-            self.add_callback("on_fit_epoch_end", _log_epoch)
-            self.add_callback("on_train_end", _close_live)
+            if main:  # DVCLive metrics from rank 0 only (Ultralytics runs on_fit_epoch_end on every rank)
+                self.add_callback("on_fit_epoch_end", _log_epoch)
+                self.add_callback("on_train_end", _close_live)
             self.bar: Any = None
-            if self.detflow.get("progress") and RANK in (-1, 0):
+            if self.detflow.get("progress") and main:
                 self.add_callback("on_train_start", _open_bar)
                 self.add_callback("on_train_epoch_start", _epoch_started)
                 self.add_callback("on_fit_epoch_end", _advance_bar)
@@ -175,6 +181,10 @@ def _apply_freeze_schedule(trainer: Any) -> None:
         p.requires_grad_(n not in frozen)
     trainer.frozen_names = sorted(frozen)
     trainer.freeze_layer_names = [p for g in groups for p in trainer.prefixes[g]] + [".dfl"]
+    from ultralytics.utils import RANK
+
+    if RANK not in (-1, 0):  # DDP: rank 0 records the schedule
+        return
     log_path = trainer.run_dir / "frozen_by_epoch.json"
     history = json.loads(log_path.read_text()) if log_path.exists() else {}
     history[str(trainer.epoch)] = groups
