@@ -116,6 +116,9 @@ class TrainParams(_Section):
     strategy: Literal["feature_extraction", "fine_tune", "progressive"] = "fine_tune"
     unfreeze_at: list[int] = Field(default_factory=lambda: [2, 4])
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
+    # share of the train split's images trained on: a patient-level, class-stratified, nested subsample whose order
+    # is seeded by train.seed (pipeline/train/subset.py); val and test never change
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
     epochs: int = Field(20, ge=1, le=10_000)
     imgsz: int = Field(256, ge=32, le=4096)
     batch: int = Field(16, ge=1, le=1024)

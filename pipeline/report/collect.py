@@ -225,6 +225,7 @@ def transfer_section(inp: ReportInputs, summary: dict | None) -> dict[str, Any]:
             "strategy": transfer.get("strategy"), "backbone_lr_mult": transfer.get("backbone_lr_mult"),
             "groups": transfer.get("group_parameters") or {}, "new_modules": transfer.get("new_modules") or [],
             "freeze": _freeze_ranges(transfer.get("frozen_by_epoch") or {}),
+            "subset": transfer.get("train_subset"), "trainable": transfer.get("trainable_parameters"),
             "epochs": (summary or {}).get("epochs_run"), "family": (summary or {}).get("family"),
             "model": (summary or {}).get("model"), "curves": curves, "missing": missing}
 
@@ -234,27 +235,9 @@ def transfer_section(inp: ReportInputs, summary: dict | None) -> dict[str, Any]:
 
 def _image_dets(predictions: list[dict], gt: dict) -> list[Any]:
     """The evaluator's per-image records rebuilt from predictions.json and the split's COCO ground truth."""
-    from pipeline.evaluate.metrics import ImageDets
+    from pipeline.evaluate.metrics import image_dets_from_coco
 
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for p in predictions:
-        by_image[p["image_id"]].append(p)
-    anns: dict[int, list[dict]] = defaultdict(list)
-    for a in gt["annotations"]:
-        anns[a["image_id"]].append(a)
-
-    def xyxy(rows: list[dict], key: str) -> np.ndarray:
-        return np.array([[x, y, x + w, y + h] for x, y, w, h in (r[key] for r in rows)],
-                        dtype=np.float64).reshape(-1, 4)
-
-    out = []
-    for e in gt["images"]:
-        p, a = by_image.get(e["id"], []), anns.get(e["id"], [])
-        out.append(ImageDets(image_id=e["id"], patient=str(e.get("patient", e["id"])), gt_boxes=xyxy(a, "bbox"),
-                             gt_labels=np.array([q["category_id"] - 1 for q in a], dtype=np.int64),
-                             boxes=xyxy(p, "bbox"), scores=np.array([q["score"] for q in p], dtype=np.float64),
-                             labels=np.array([q["category_id"] - 1 for q in p], dtype=np.int64)))
-    return out
+    return image_dets_from_coco(predictions, gt)
 
 
 def patient_bootstrap(images: list[Any], n_classes: int, froc_iou: float, resamples: int, seed: int) -> dict[str, Any]:

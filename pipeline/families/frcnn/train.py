@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from pipeline.families.frcnn.model import build_frcnn
 from pipeline.families.frcnn.pretrained import resolve_frcnn_pretrained, transferable_params
 from pipeline.fileio import atomic_write_json, atomic_write_text
 from pipeline.train import common
+from pipeline.train.subset import TrainSubset, load_train_subset, write_subset_view
 from pipeline.train.weights_import import transfer_state_dict
 
 if TYPE_CHECKING:
@@ -141,6 +143,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     common.validate_schedule(tp)
     device = _device(common.resolve_device(tp.device))
     info = common.check_prepared(prepared)
+    subset = load_train_subset(prepared, tp.fraction, tp.seed)  # train.fraction; fails before any training
     train_doc = json.loads((prepared / "coco" / "train.json").read_text())
     val_doc = json.loads((prepared / "coco" / "val.json").read_text())
     classes = _classes(prepared, info, train_doc)
@@ -174,7 +177,8 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     if not use_cuda:
         torch.set_num_threads(common.cpu_threads(tp.cpu_threads))
     gen = torch.Generator()
-    train_ds = CocoDetection(prepared, prepared / "coco" / "train.json", build_transforms(tp, train=True))
+    train_json = prepared / "coco" / "train.json" if subset.whole else write_subset_view(prepared, subset, run_dir)[1]
+    train_ds = CocoDetection(prepared, train_json, build_transforms(tp, train=True))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))
     train_loader = make_loader(train_ds, tp, True, workers, use_cuda, gen)
     val_loader = make_loader(val_ds, tp, False, workers, use_cuda, None)
@@ -203,6 +207,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, resume=start_epoch > 0)
     try:
         for epoch in range(start_epoch, tp.epochs):
+            epoch_start = time.perf_counter()
             _seed_all(tp.seed + 1 + epoch)  # per-epoch streams: a resumed run draws what an uninterrupted one would
             gen.manual_seed(tp.seed + 1 + epoch)
             groups = common.frozen_groups_at(tp.strategy, tp.unfreeze_at, epoch)
@@ -237,6 +242,7 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
                                          pretrained, finished), best)
             save_atomic(make_checkpoint(model, optimizer, scheduler, scaler, epoch, st, params, fingerprint, classes,
                                      pretrained, finished), last)
+            common.add_budget(run_dir, len(train_loader), time.perf_counter() - epoch_start)  # one step per batch
             log.info("epoch %d/%d: loss %.4f mAP50 %.4f mAP50-95 %.4f%s", epoch + 1, tp.epochs, losses["loss"],
                      map50, map5095, " (best)" if improved else "")
             if on_epoch_end is not None:
@@ -249,11 +255,11 @@ def train_frcnn(params: Params, prepared: Path, out_dir: Path, reports_dir: Path
     finally:
         live.end()
     group_params = group_param_counts(model)
-    return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params)
+    return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params, subset)
 
 
 def _finish(params: Params, pretrained: common.PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
-            start_epoch: int, st: RunState, group_params: dict[str, int]) -> common.TrainResult:
+            start_epoch: int, st: RunState, group_params: dict[str, int], subset: TrainSubset) -> common.TrainResult:
     """Publish the run through the shared ``common.publish_run`` (as the yolo family does), with frcnn's notes."""
     last = run_dir / "last.pt"
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else last
@@ -263,4 +269,5 @@ def _finish(params: Params, pretrained: common.PretrainedSource, run_dir: Path, 
     return common.publish_run(family=FrcnnFamily.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=last, out_dir=out_dir, reports_dir=reports_dir, transfer_report=st.transfer_report,
                        frozen_by_epoch=st.frozen_by_epoch, group_params=group_params,
-                       resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes)
+                       resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes,
+                       subset=subset.summary())
