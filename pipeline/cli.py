@@ -27,6 +27,9 @@ app.add_typer(registry_app, name="registry")
 flow_app = typer.Typer(no_args_is_help=True, help="Run the Prefect flows locally (PREFECT_API_URL: a server to report "
                        "to; unset: a temporary local one).")
 app.add_typer(flow_app, name="flow")
+from pipeline.study.cli import app as study_app  # noqa: E402 - the sub-app lives with its package
+
+app.add_typer(study_app, name="study")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (YAML)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.epochs=3 (repeatable)")]
@@ -467,6 +470,31 @@ def flow_run(
     for stage, s in summary["stages"].items():
         typer.echo(f"  {stage:<9} {s['status']:<8} {s['seconds']:>7.1f} s")
     typer.echo(f"{summary['message']}; champion {summary['champion']} ({summary['seconds']:.1f} s)")
+
+
+@flow_app.command("study")
+def flow_study(
+    set_: SetOpt = None,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="arms trained at once (DVC queue workers)")] = 1,
+    repo: Annotated[Path, typer.Option(help="repository checkout to run in")] = Path("."),
+) -> None:
+    """Run the transfer-learning study as a Prefect flow (detflow study run, then report); its artifact links the
+    study page. --set takes study.* keys, e.g. --set study.fractions=[0.5,1.0]."""
+    from pipeline.config import parse_override
+    from pipeline.study.runner import study_overrides
+
+    if not repo.is_dir():
+        raise DetflowError(f"repository checkout {repo} is not a folder")
+    study = {k.removeprefix("study."): v for k, v in map(parse_override, study_overrides(set_))}
+    _params(repo / "params.yaml", set_)  # bad params fail here, before a Prefect server starts
+    from flows.study import study_pipeline
+    from flows.training import start_local_server
+
+    start_local_server()
+    summary = study_pipeline(study=study, jobs=jobs, repo=str(repo))
+    typer.echo(f"study flow: {summary['done']}/{summary['arms']} arms ({summary['seconds']:.1f} s) -> "
+               f"{summary['page']}")
+    typer.echo(summary["recommendation"]["text"])
 
 
 @app.command()

@@ -262,6 +262,31 @@ class ExternalSetParams(_Section):
         return parse_class_map(v)
 
 
+DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
+    "feature_extraction": {"strategy": "feature_extraction"},
+    "fine_tune": {"strategy": "fine_tune"},
+    "progressive": {"strategy": "progressive"},
+    "fine_tune_low_lr": {"strategy": "fine_tune", "backbone_lr_mult": 0.1},
+}
+
+
+class StudyParams(_Section):
+    """``detflow study``: recipe x data fraction x initialisation x seed, each arm a DVC experiment.
+
+    Types only here; what makes a study runnable (recipe keys are train keys, fractions in (0, 1], one budget rule,
+    ...) is checked by :func:`pipeline.study.plan.check_study` with one line per problem, since only ``detflow
+    study`` reads this section (no stage depends on it)."""
+
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RECIPES.items()})
+    fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0])
+    init: list[str] = Field(default_factory=lambda: ["coco", "scratch"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    imgsz: int = 256
+    epochs: int | None = 20
+    steps: int | None = None
+    wide_ci: float = 0.1
+
+
 class _ExportBase(_Section):
     """Settings for every family; each family's own are nested under ``export.<family>`` (see below)."""
 
@@ -288,6 +313,7 @@ class Params(_Section):
     gate: GateParams = Field(default_factory=GateParams)
     export: ExportParams = Field(default_factory=ExportParams)  # type: ignore[valid-type]
     external: list[ExternalSetParams] = Field(default_factory=list)
+    study: StudyParams = Field(default_factory=StudyParams)
 
     @field_validator("external")
     @classmethod

@@ -538,6 +538,17 @@ def provenance_section(inp: ReportInputs, card: dict | None) -> dict[str, Any]:
             "missing": missing}
 
 
+def study_section(inp: ReportInputs) -> dict[str, Any]:
+    """``detflow study report``'s results, when a study was run in this checkout (not a DVC dep of the report: a
+    study is optional and runs outside ``dvc repro``; the section says when its results were written)."""
+    from pipeline.study.page import study_section as section
+
+    path = inp.reports / "study" / "results.json"
+    missing: list[str] = []
+    results = _json(path, missing, "") if path.is_file() else None
+    return {**section(results, path), "missing": missing}
+
+
 # ------------------------------------------------------------------------------------------------ all
 
 
@@ -555,6 +566,7 @@ def collect(inp: ReportInputs, params: Any) -> dict[str, Any]:
         "transfer": transfer_section(inp, summary),
         "evaluation": evaluation_section(inp, metrics, params),
         "generalisation": generalisation_section(inp, metrics, card),
+        "study": study_section(inp),
         "deployment": deployment_section(inp, card, gate),
         "provenance": provenance_section(inp, card),
     }
