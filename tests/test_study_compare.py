@@ -96,7 +96,8 @@ def test_recommendation_clear_winner() -> None:
     diff = out["comparisons"]["vs_best"][0]
     assert out["best"] == "strong" and diff["ci95"][1] < 0 and not diff["includes_zero"]  # worse, however wide
     assert rec["arm"] == "strong" and rec["as_good_as_best"] == ["strong"] and not rec["cannot_tell"]
-    assert "fine_tune from COCO weights on 100 % of the training data" in rec["text"] and "the best arm" in rec["text"]
+    assert "fine_tune from COCO weights on 100 % of the training data" in rec["text"]
+    assert "the best arm; every other arm is worse" in rec["text"] and "500 s of training" in rec["text"]
     cs = out["comparisons"]["coco_vs_scratch"][0]
     # half the lesions found at precision 1: COCO's 101-point AP is 51/101, so the difference 50/101
     assert (cs["coco"], cs["scratch"]) == ("strong", "weak") and cs["difference"] == pytest.approx(50 / 101, abs=1e-4)

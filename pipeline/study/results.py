@@ -160,8 +160,11 @@ def recommend(rows: list[dict[str, Any]], vs_best: list[dict[str, Any]], wide_ci
     head = (f"Recommended: {pick['recipe']} from {'COCO weights' if pick['init'] == 'coco' else 'scratch'} on "
             f"{pct(pick['fraction'])} of the training data ({pick['train_images']} images), test mAP50 "
             f"{pick['map50']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
-    if pick["name"] == best["name"]:
-        out["text"] = (f"{head}: the best arm, and the cheapest of the {len(good)} arm(s) as good as the best "
+    if pick["name"] == best["name"] and len(good) == 1:
+        out["text"] = (f"{head}: the best arm; every other arm is worse (its paired interval to the best excludes "
+                       f"0). {cost[0].upper() + cost[1:]}.")
+    elif pick["name"] == best["name"]:
+        out["text"] = (f"{head}: the best arm, and the cheapest of the {len(good)} arms as good as the best "
                        f"({cost}).")
     else:
         diff = next(c for c in vs_best if c["arm"] == pick["name"])
@@ -252,8 +255,13 @@ def build_results(params: Any, repo: Path, arms: Sequence[Arm], states: dict[str
                                "`detflow study run` again after `dvc repro prepare`")
     from tqdm import tqdm
 
-    images = {r["name"]: image_dets_from_coco(read_arm_file(repo, r["rev"], "reports/eval/predictions.json"), gt)
-              for r in tqdm(done, desc="reading arms", unit="arm", disable=not progress)}
+    images = {}
+    for r in tqdm(done, desc="reading arms", unit="arm", disable=not progress):
+        images[r["name"]] = image_dets_from_coco(read_arm_file(repo, r["rev"], "reports/eval/predictions.json"), gt)
+        if external_sets:  # `dvc exp show` drops lists (the intervals): read the file itself
+            sets = (read_arm_file(repo, r["rev"], "reports/generalisation.json").get("sets") or {})
+            r["external"] = {n: {"map50": _f((sets.get(n) or {}).get("map50")),
+                                 "ci95": (sets.get(n) or {}).get("ci95_map50")} for n in external_sets}
     resamples = ev.bootstrap or 1000  # evaluate.bootstrap: 0 turns the metrics files' CIs off, not the study's
     compared = compare(rows, images, len(classes), ev.froc_iou, resamples, ev.seed, st_params.wide_ci,
                        list(st_params.recipes))
