@@ -204,8 +204,16 @@ def enqueue(repo: Path, arms: Sequence[Arm], targets: Sequence[str]) -> QueuePla
     return plan
 
 
-def start_workers(repo: Path, jobs: int) -> None:
-    dvc(repo, "queue", "start", "--jobs", str(jobs), timeout=READ_TIMEOUT_S)
+def start_workers(repo: Path, jobs: int) -> bool:
+    """``dvc queue start --jobs N`` (idempotent: running workers are kept). False when it did not return in time:
+    seen under heavy load after the workers had started; :func:`wait` starts them again if nothing runs."""
+    try:
+        dvc(repo, "queue", "start", "--jobs", str(jobs), timeout=2 * READ_TIMEOUT_S)
+    except StudyError as e:
+        if "did not finish" not in str(e):
+            raise
+        return False
+    return True
 
 
 def stop_idle_workers(repo: Path) -> list[int]:
