@@ -133,6 +133,68 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "load_average": os.getloadavg()}
 
 
+def _ci(v: Any) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]" if v and v[0] == v[0] else "n/a"
+
+
+def _d(c: dict[str, Any]) -> str:
+    return f"{c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+
+
+def claims(results: dict[str, Any], other: dict[str, Any] | None) -> list[str]:
+    """What the usual transfer-learning claims turned into, read off the paired comparisons (no judgement added:
+    a difference whose interval includes 0 is reported as not shown)."""
+    def verdict(c: dict[str, Any], better: str, worse: str) -> str:
+        return "not shown (interval includes 0)" if c["includes_zero"] else better if c["difference"] > 0 else worse
+
+    out = []
+    cvs = sorted((c for c in results["comparisons"]["coco_vs_scratch"]), key=lambda c: (c["recipe"], c["fraction"]))
+    for recipe in dict.fromkeys(c["recipe"] for c in cvs):
+        rows = [c for c in cvs if c["recipe"] == recipe]
+        out.append(f"COCO - scratch, {recipe}: " + "; ".join(f"{c['fraction'] * 100:g} %: {_d(c)}" for c in rows))
+        if len(rows) > 1:
+            grows = all(a["difference"] >= b["difference"] for a, b in zip(rows, rows[1:], strict=False))
+            out.append(f"  advantage grows as data shrink ({recipe}): {'yes' if grows else 'no'} (point estimates)")
+    ref = results["comparisons"]["vs_reference"]
+    smallest = min((c["fraction"] for c in ref), default=None)
+    for c in sorted(ref, key=lambda c: (c["recipe"], c["init"], c["fraction"])):
+        tag = " (smallest fraction)" if c["fraction"] == smallest else ""
+        out.append(f"{c['recipe']} vs {c['reference']}, {c['init']}, {c['fraction'] * 100:g} %{tag}: {_d(c)}: "
+                   f"{verdict(c, 'better', 'worse')}")
+    if other:
+        for c in other["comparisons"]["coco_vs_scratch"]:
+            out.append(f"other budget rule ({other['budget']['text']}): COCO - scratch, {c['recipe']}, "
+                       f"{c['fraction'] * 100:g} %: {_d(c)}")
+    return out
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """The arms as a markdown table (best first), with the paired difference to the best."""
+    vs_best = {c["arm"]: c for c in results["comparisons"]["vs_best"]}
+    ext = results.get("external_sets") or []
+    head = ("| recipe | init | fraction (images) | epochs | steps | train s | trainable | test mAP50 | mAP50-95 | "
+            "CPM | " + "".join(f"{x} mAP50 | " for x in ext) + "Δ vs best (paired) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for a in sorted((a for a in results["arms"] if a.get("map50") is not None), key=lambda a: -a["map50"]):
+        c = vs_best.get(a["name"])
+        lines.append(f"| {a['recipe']} | {a['init']} | {a['fraction'] * 100:g} % ({a['train_images']}) | "
+                     f"{a['epochs']} | {a['optimizer_steps']} | {a['train_seconds']:.0f} | {a['trainable_params']:,} | "
+                     f"{a['map50']:.3f} {_ci(a['ci95']['map50'])} | {a['map50_95']:.3f} {_ci(a['ci95']['map50_95'])} | "
+                     f"{a['cpm']:.3f} {_ci(a['ci95']['cpm'])} | "
+                     + "".join(f"{a['external'][x]['map50']:.3f} {_ci(a['external'][x]['ci95'])} | " for x in ext)
+                     + ("best |" if c is None else f"{_d(c)} |"))
+    return lines
+
+
+def summarise(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    other = (doc.get("other_rule") or {}).get("study")
+    for line in [*table(doc["study"]), "", *(table(other) if other else []), "",
+                 doc["study"]["recommendation"]["text"], "", *claims(doc["study"], other)]:
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench/results/study-work"))
@@ -155,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true", help="only measure seconds per step and per validation")
     ap.add_argument("--smoke", action="store_true", help="tiny: fine_tune x 2 fractions x 2 inits, 2 steps, 64 px")
     ap.add_argument("--out", type=Path, default=Path("bench/results/study.json"))
+    ap.add_argument("--summarise", type=Path, default=None, help="print the tables and claims of a results file")
     args = ap.parse_args(argv)
+    if args.summarise is not None:
+        return summarise(args.summarise)
     if not args.mirror or not (Path(args.mirror) / "datasets" / "bccd").is_dir():
         raise SystemExit("set DETFLOW_ASSETS (or --mirror) to an asset mirror with datasets/bccd and weights/")
     os.environ["DETFLOW_ASSETS"] = str(Path(args.mirror).resolve())
@@ -203,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(out, indent=2))
     for name in ("report.html", "learning_curves.svg"):
         shutil.copy(repo / "reports" / "study" / name, args.out.with_name(f"{args.out.stem}_{name}"))
-    print(main_results["recommendation"]["text"])
+    out["claims"] = claims(main_results, (out.get("other_rule") or {}).get("study"))
+    args.out.write_text(json.dumps(out, indent=2))
+    summarise(args.out)
     print(f"wall {out['wall_s_total']} s; results: {args.out}")
     return 0
 

@@ -199,8 +199,10 @@ def compare(rows: list[dict[str, Any]], images: dict[str, list[Any]], n_classes:
     done = [r for r in rows if r.get("map50") is not None]
     boot = bootstrap_draws({r["name"]: images[r["name"]] for r in done}, n_classes, froc_iou, resamples, seed) \
         if done else None
-    for r in done:
-        r["ci95"] = {m: percentile_interval(boot.draws[r["name"]][m]) for m in ("map50", "map50_95", "cpm")}
+    for r in done:  # the evaluate stage's own intervals where it wrote them (same resamples, unrounded scores)
+        own = r.pop("ci95_evaluate", None) or {}
+        r["ci95"] = {m: own.get(m) or percentile_interval(boot.draws[r["name"]][m]) for m in ("map50", "map50_95",
+                                                                                              "cpm")}
     vs_best: list[dict[str, Any]] = []
     coco_vs_scratch: list[dict[str, Any]] = []
     vs_reference: list[dict[str, Any]] = []
@@ -258,6 +260,8 @@ def build_results(params: Any, repo: Path, arms: Sequence[Arm], states: dict[str
     images = {}
     for r in tqdm(done, desc="reading arms", unit="arm", disable=not progress):
         images[r["name"]] = image_dets_from_coco(read_arm_file(repo, r["rev"], "reports/eval/predictions.json"), gt)
+        ci = read_arm_file(repo, r["rev"], "reports/metrics.json").get("ci95") or {}  # exp show drops the lists
+        r["ci95_evaluate"] = {m: ci[m] for m in ("map50", "cpm") if isinstance(ci.get(m), list)}
         if external_sets:  # `dvc exp show` drops lists (the intervals): read the file itself
             sets = (read_arm_file(repo, r["rev"], "reports/generalisation.json").get("sets") or {})
             r["external"] = {n: {"map50": _f((sets.get(n) or {}).get("map50")),
