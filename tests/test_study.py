@@ -127,6 +127,23 @@ def test_arms_are_dvc_experiments_and_a_killed_study_resumes(tmp_path: Path) -> 
         assert "map50" in data["metrics"]["reports/metrics.json"]["data"]
         assert data["metrics"]["reports/train/metrics.json"]["data"]["optimizer_steps"] >= 1
 
+    # one test split for every arm: every experiment's dvc.lock records the checkout's prepared dataset
+    def prepared_hash(rev: str) -> str:
+        lock = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+        (out,) = [o for o in yaml.safe_load(lock)["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"]
+        return out["md5"]
+
+    workspace = [o for o in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+                 if o["path"] == "data/prepared"][0]["md5"]
+    assert {prepared_hash(exps[n]["revs"][0]["rev"]) for n in names} == {workspace}
+    # `dvc plots diff` compares arms (the evaluate stage's FROC curve, the training curves)
+    diff = subprocess.run([str(BIN / "dvc"), "plots", "diff", *names, "--json"], cwd=root, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert diff.returncode == 0, diff.stderr
+    plots = json.loads(diff.stdout)["data"]
+    assert set(plots["reports/plots/froc.json"][0]["revisions"]) == set(names)
+
     # nothing left to do: the same command is a no-op
     third = detflow(root, "study", "run", "--quiet")
     assert third.returncode == 0 and "2 already done, 0 queued" in third.stdout, third.stdout + third.stderr

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.matching import greedy_match
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+COCO_IOUS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # mAP50-95's thresholds, as COCOeval's iouThrs
 
 
 @dataclass
@@ -185,16 +186,8 @@ class _ImageAP:
 
 
 def _coco_style_matches(im: ImageDets, n_classes: int, max_dets: int = 100) -> _ImageAP:
-    scores, tps, n_gt = {}, {}, {}
-    for c in range(n_classes):
-        g = im.gt_boxes[im.gt_labels == c]
-        sel = im.labels == c
-        s, b = im.scores[sel], im.boxes[sel]
-        order = np.argsort(-s, kind="mergesort")[:max_dets]
-        s, b = s[order], b[order]
-        tp = greedy_match(b, s, g, iou_thr=0.5).matched  # already one class; s is sorted, the order stays
-        scores[c], tps[c], n_gt[c] = s, tp, len(g)
-    return _ImageAP(scores, tps, n_gt)
+    m = _coco_matches_at(im, n_classes, (0.5,), max_dets)
+    return _ImageAP(m.scores, {c: t[0] for c, t in m.tps.items()}, m.n_gt)
 
 
 def map50_from_matches(per_image: Sequence[_ImageAP], n_classes: int) -> float:
@@ -239,9 +232,6 @@ def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n
 
 # --------------------------------------------------------------------------------------------- paired bootstrap
 
-COCO_IOUS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # mAP50-95's thresholds, as COCOeval's iouThrs
-
-
 @dataclass
 class _ImageAPs:
     """Per-image, per-class matches at every COCO IoU threshold (``tps[c]``: thresholds x detections)."""
@@ -251,7 +241,10 @@ class _ImageAPs:
     n_gt: dict[int, int]
 
 
-def _coco_matches_all_ious(im: ImageDets, n_classes: int, max_dets: int = 100) -> _ImageAPs:
+def _coco_matches_at(im: ImageDets, n_classes: int, ious: Sequence[float] = COCO_IOUS,
+                     max_dets: int = 100) -> _ImageAPs:
+    """COCOeval's matching per class: the ``max_dets`` highest-scoring detections, each IoU threshold matched on
+    its own (a detection may match at 0.5 and miss at 0.75)."""
     scores, tps, n_gt = {}, {}, {}
     for c in range(n_classes):
         g = im.gt_boxes[im.gt_labels == c]
@@ -260,8 +253,9 @@ def _coco_matches_all_ious(im: ImageDets, n_classes: int, max_dets: int = 100) -
         order = np.argsort(-s, kind="mergesort")[:max_dets]
         s, b = s[order], b[order]
         scores[c], n_gt[c] = s, len(g)
-        tps[c] = np.stack([greedy_match(b, s, g, iou_thr=t).matched for t in COCO_IOUS]) if len(s) \
-            else np.zeros((len(COCO_IOUS), 0), dtype=bool)
+        # already one class; s is sorted, the order stays
+        tps[c] = np.stack([greedy_match(b, s, g, iou_thr=t).matched for t in ious]) if len(s) \
+            else np.zeros((len(ious), 0), dtype=bool)
     return _ImageAPs(scores, tps, n_gt)
 
 
@@ -323,7 +317,7 @@ def bootstrap_draws(arms: dict[str, Sequence[ImageDets]], n_classes: int, froc_i
                              "needs one test split")
     patients = sorted({p for _, p in ref})
     by_patient = {p: [i for i, (_, q) in enumerate(ref) if q == p] for p in patients}
-    ap = {a: [_coco_matches_all_ious(im, n_classes) for im in arms[a]] for a in names}
+    ap = {a: [_coco_matches_at(im, n_classes) for im in arms[a]] for a in names}
     fr = {a: [_froc_hits(im, froc_iou) for im in arms[a]] for a in names}
 
     def metrics(arm: str, idx: Sequence[int]) -> tuple[float, float, float]:

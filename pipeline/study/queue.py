@@ -136,15 +136,9 @@ def experiments(repo: Path) -> tuple[str | None, dict[str, ExpState]]:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from pipeline.fileio import _pid_alive
+
+    return bool(pid) and _pid_alive(int(pid))  # type: ignore[arg-type]
 
 
 def _hydra_item(item: str, tree: dict[str, Any]) -> str:
