@@ -221,7 +221,11 @@ def stop_idle_workers(repo: Path) -> list[int]:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             continue
-        if _alive(pid):
+        try:  # only a DVC queue worker: a pid file left by a dead worker may name a process that reused its pid
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if _alive(pid) and "exp queue-worker" in cmdline:
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
     return stopped
