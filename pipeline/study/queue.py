@@ -141,6 +141,11 @@ def _alive(pid: int | None) -> bool:
     return bool(pid) and _pid_alive(int(pid))  # type: ignore[arg-type]
 
 
+def _gone(st: ExpState) -> bool:
+    """A "running" arm whose recorded process no longer exists (no pid yet: it is just starting, not gone)."""
+    return st.state == "running" and st.pid is not None and not _alive(st.pid)
+
+
 def _hydra_item(item: str, tree: dict[str, Any]) -> str:
     """``key=value`` as a ``-S`` override: ``+key=value`` for a key the checkout's params.yaml does not have yet
     (Hydra appends only with ``+``)."""
@@ -175,7 +180,7 @@ def queue_arm(repo: Path, arm: Arm, targets: Sequence[str], previous: ExpState |
     args = ["exp", "run", "--queue", *targets, "-n", arm.name]
     for item in arm.overrides:
         args += ["-S", _hydra_item(item, tree)]
-    dvc(repo, *args)
+    dvc(repo, *args, timeout=2 * READ_TIMEOUT_S)  # not retried: queueing twice would train twice
 
 
 def enqueue(repo: Path, arms: Sequence[Arm], targets: Sequence[str]) -> QueuePlan:
@@ -190,7 +195,7 @@ def enqueue(repo: Path, arms: Sequence[Arm], targets: Sequence[str]) -> QueuePla
         if st is not None and st.state == "queued":
             plan.waiting.append(arm.name)
             continue
-        if st is not None and st.state == "running" and _alive(st.pid):
+        if st is not None and st.state == "running" and not _gone(st):
             plan.waiting.append(arm.name)
             continue
         queue_arm(repo, arm, targets, st)  # failed, or "running" with its process gone: removed, queued again
@@ -259,13 +264,13 @@ def wait(repo: Path, arms: Sequence[Arm], jobs: int, targets: Sequence[str] = ("
             if lost:
                 raise StudyError(f"arms {', '.join(lost)} are neither queued nor done (removed from DVC's queue "
                                  "meanwhile?); run `detflow study run` again to queue them")
-            for n in [n for n in running if not _alive(mine[n].pid)]:
+            for n in [n for n in running if _gone(mine[n])]:
                 if requeued[n] >= MAX_REQUEUES:
                     raise StudyError(f"arm {n} is marked running but its process is gone, {requeued[n]} times; "
                                      "run `detflow study run` again: it queues the arm anew")
                 time.sleep(poll_s)  # DVC may be collecting a just-finished arm: look once more before acting
                 again = experiments(repo)[1].get(n)
-                if again is not None and again.state == "running" and not _alive(again.pid):
+                if again is not None and _gone(again):
                     bar.write(f"arm {n}: its process is gone (killed?); queued again")
                     queue_arm(repo, by_name[n], targets, again)
                     requeued[n] += 1
