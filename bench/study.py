@@ -106,7 +106,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     BCCD's train split (13 and 4 steps at batch 16, one validation pass each) and solve for both."""
     from pipeline.config import load_params
     from pipeline.data.prepare import prepare_dataset
-    from pipeline.train import train_model
+    from pipeline.train.stage import train_model
 
     overrides = [f"train.imgsz={args.imgsz}", f"train.batch={args.batch}", f"train.nominal_batch={args.batch}",
                  "train.workers=0", "train.epochs=1", "train.pretrained=coco", "data.source=bccd",

@@ -8,5 +8,6 @@ answered on the user's own data.
   ``dvc queue start``; done arms are skipped, failed or interrupted ones queued again;
 - :mod:`pipeline.study.results`: the arms' test predictions read back from DVC, paired patient-bootstrap
   comparisons, learning curves and the recommendation (``reports/study/results.json``);
-- :mod:`pipeline.study.page`: the study's HTML section (the run report's and its own page) and its chart.
+- the page (the run report's Study section and ``reports/study/report.html``) and its learning-curve chart are
+  :mod:`pipeline.report.study`'s: the report package owns every page, and reads results.json, computing nothing.
 """

@@ -95,7 +95,7 @@ def report_study(repo: Path, params_path: Path, overrides: list[str] | None, out
                  mirrors: list[Path] | None, progress: bool = True) -> dict[str, Any]:
     """results.json, learning_curves.svg and report.html under ``out_dir`` (each written atomically)."""
     from pipeline.fileio import atomic_write_json, atomic_write_text
-    from pipeline.study.page import learning_curve_svg, render_study_page
+    from pipeline.report.study import learning_curve_svg, render_study_page
     from pipeline.study.results import build_results
 
     study = plan_study(repo, params_path, overrides, raw_dir, mirrors, prepare=False)
