@@ -208,3 +208,22 @@ def test_a_class_or_val_split_that_would_be_empty_is_one_line(tmp_path: Path) ->
     assert r.returncode == 1 and len(lines) == 1 and "the val split of" in lines[0] and "is empty" in lines[0], lines
     _nothing_queued(root)
 
+
+def test_queue_start_returns_while_its_worker_runs(tmp_path: Path) -> None:
+    """`dvc queue start` must not wait for its worker: DVC forks a helper per worker that holds the command's
+    stdout/stderr, so a caller reading pipes returned only when the worker had run the whole queue (an empty queue's
+    worker idles ~10 s; a study's runs every arm). start_workers returns while the worker it started still lives."""
+    from pipeline.study.queue import start_workers
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "commit", "-qm", "dvc init"]):
+        subprocess.run(cmd, cwd=root, env=_env(), check=True, capture_output=True)
+    assert start_workers(root, 1) is True
+    pidfile = root / ".dvc" / "tmp" / "exps" / "celery" / "dvc-exp-worker-1.pid"
+    pid = int(pidfile.read_text())
+    try:
+        assert _pid_alive(pid), "start_workers returned only after its worker had exited"
+    finally:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)  # the worker this test started, by its recorded pid
