@@ -38,6 +38,7 @@ POLL_S = 5.0
 # machine: `dvc exp show` blocked in `_BlobIO.readinto` with its writer thread gone); a retry reads again.
 READ_TIMEOUT_S = 240.0
 READ_RETRIES = 2
+SHOW_ATTEMPTS = 6  # a failed `dvc exp show` (an experiment's temporary copy half-written) is tried this often
 MAX_REQUEUES = 2  # per arm and `wait`: an arm whose process vanished is queued again this often before giving up
 
 
@@ -106,9 +107,21 @@ class ExpState:
     deps: dict[str, Any] = field(default_factory=dict)
 
 
-def experiments(repo: Path) -> tuple[str | None, dict[str, ExpState]]:
-    """The baseline commit and its experiments by name (the latest entry wins when a name appears twice)."""
-    out = dvc(repo, "exp", "show", "--json", timeout=READ_TIMEOUT_S, retries=READ_RETRIES).stdout
+def experiments(repo: Path, attempts: int = SHOW_ATTEMPTS, pause_s: float = POLL_S) -> tuple[str | None,
+                                                                                      dict[str, ExpState]]:
+    """The baseline commit and its experiments by name (the latest entry wins when a name appears twice).
+
+    ``dvc exp show`` fails now and then while a worker sets up or cleans an experiment's temporary copy (seen on
+    BCCD: "failed to show experiments - directory '.dvc/tmp/exps/tmpXXXX/.dvc' does not exist" while that copy
+    was being written); a failed show is tried again after ``pause_s``, ``attempts`` times in all."""
+    for attempt in range(1, attempts + 1):
+        try:
+            out = dvc(repo, "exp", "show", "--json", timeout=READ_TIMEOUT_S, retries=READ_RETRIES).stdout
+            break
+        except StudyError as e:
+            if attempt == attempts or "did not finish" in str(e):
+                raise
+            time.sleep(pause_s)
     try:
         doc = json.loads(out or "[]")
     except json.JSONDecodeError as e:
