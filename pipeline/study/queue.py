@@ -32,7 +32,11 @@ import yaml
 from pipeline.errors import DetflowError
 from pipeline.study.plan import Arm
 
-POLL_S = 5.0
+POLL_S = 5.0  # pause before asking DVC again after a failed read
+# Seconds between two looks at the queue while arms train: each `dvc exp show --json` costs about a CPU second
+# (measured on BCCD at load 18: 5.5 s wall, 1.3 CPU s, growing with the number of experiments), time taken from the
+# arms; an arm trains for minutes, so a look every 15 s costs ~3 % of one core.
+WAIT_POLL_S = 15.0
 # Seconds a read-only dvc command may take before it is killed and tried again. pygit2 1.21's BlobIO, through which
 # DVC reads every file of a commit, can miss a wakeup and wait forever under heavy CPU load (seen on the 2-core
 # machine: `dvc exp show` blocked in `_BlobIO.readinto` with its writer thread gone); a retry reads again.
@@ -262,7 +266,8 @@ def stop_idle_workers(repo: Path) -> list[int]:
 
 
 def wait(repo: Path, arms: Sequence[Arm], jobs: int, targets: Sequence[str] = ("evaluate",), progress: bool = True,
-         poll_s: float = POLL_S, on_poll: Callable[[dict[str, ExpState]], None] | None = None) -> dict[str, ExpState]:
+         poll_s: float = WAIT_POLL_S, on_poll: Callable[[dict[str, ExpState]], None] | None = None
+         ) -> dict[str, ExpState]:
     """Block until every arm succeeded or failed. Restarts the workers when arms wait and none runs (DVC's workers
     stop after a few idle seconds), stopping stuck ones first; an arm DVC lists as running whose process is gone
     is queued again (:data:`MAX_REQUEUES` times). Returns the final states by arm name."""
