@@ -83,7 +83,8 @@ def run_study(repo: Path, params_path: Path, overrides: list[str] | None, jobs: 
     todo = queue.enqueue(repo, study.arms, study.targets)
     summary = RunSummary(study.arms, todo)
     if len(todo.done) == len(study.arms):
-        _, summary.states = queue.experiments(repo)
+        names = {a.name for a in study.arms}  # only this study's arms: the checkout may hold other studies' too
+        summary.states = {n: s for n, s in queue.experiments(repo)[1].items() if n in names}
         return summary
     queue.start_workers(repo, jobs)
     if wait:

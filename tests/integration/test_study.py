@@ -111,6 +111,9 @@ def test_arms_are_dvc_experiments_and_a_killed_study_resumes(tmp_path: Path) -> 
     # nothing left to do: the same command is a no-op
     third = detflow(root, "study", "run", "--quiet")
     assert third.returncode == 0 and "2 already done, 0 queued" in third.stdout, third.stdout + third.stderr
+    # a smaller study in the same checkout counts its own arms only (the others are experiments here too)
+    sub = detflow(root, "study", "run", "--quiet", "--set", "study.fractions=[1.0]")
+    assert sub.returncode == 0 and "study: 1/1 arms done" in sub.stdout, sub.stdout + sub.stderr
 
     report = detflow(root, "study", "report", "--quiet")
     assert report.returncode == 0, report.stdout + report.stderr
