@@ -133,6 +133,12 @@ def recommend(rows: list[dict[str, Any]], vs_best: list[dict[str, Any]], wide_ci
         return out
     best = max(done, key=lambda r: (r["map50"], tuple(-c for c in _cost(r))))
     out["best"] = best["name"]
+    if best["map50"] <= 0.0:  # every arm at zero: ties everywhere, and the cheapest would be "recommended"
+        out["cannot_tell"] = True
+        out["text"] = (f"No arm found anything on the test set (the best test mAP50 of the {len(done)} finished arms "
+                       "is 0.000): nothing to recommend; give the arms a larger budget (study.steps or study.epochs) "
+                       "or check the data.")
+        return out
     if len(done) == 1:
         out.update({"arm": best["name"], "as_good_as_best": [best["name"]],
                     "text": f"Only one arm finished ({best['label']}, test mAP50 {best['map50']:.3f}): nothing to "

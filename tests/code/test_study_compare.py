@@ -127,3 +127,15 @@ def test_recommendation_cannot_tell_when_every_interval_is_wide() -> None:
     # a looser definition of wide lets it recommend (the cheaper, both as good as the best)
     looser = compare(rows, {"a": a, "b": b}, 1, 0.1, 400, 0, 2.0, ["fine_tune", "progressive"])["recommendation"]
     assert not looser["cannot_tell"] and looser["arm"] == "b"
+
+
+def test_recommendation_says_so_when_no_arm_found_anything() -> None:
+    """Arms that detect nothing tie at mAP50 0 with intervals [0, 0] (not wide): the cheapest must not be
+    recommended as if it were as good as a useful model."""
+    n = 20
+    blind = _arm(n, [False] * n)
+    rows = [_row("a", "fine_tune", "coco", 1.0, 0.0, 50.0), _row("b", "fine_tune", "scratch", 0.25, 0.0, 10.0)]
+    out = compare(rows, {"a": blind, "b": list(blind)}, 1, 0.1, 200, 0, 0.1, ["fine_tune"])
+    rec = out["recommendation"]
+    assert rec["cannot_tell"] and rec["arm"] is None
+    assert rec["text"].startswith("No arm found anything on the test set") and "nothing to recommend" in rec["text"]
