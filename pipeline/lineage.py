@@ -104,7 +104,10 @@ NOT_DEPS: dict[str, dict[str, str]] = {
             "read only for thumbnails of the samples the validation report lists as quarantined or fixed; a change of "
             "the raw data reruns prepare, whose reports/data_validation.json (a dep) then changes too."),
         "dvc.lock": "shown as provenance; it is rewritten when this stage runs, so a dep on it would be circular.",
-        "bench/results/inference.json": "optional: latency shown when a benchmark was run (bench/ is not a stage)."},
+        "bench/results/inference.json": "optional: latency shown when a benchmark was run (bench/ is not a stage).",
+        "reports/study/results.json": (
+            "optional: the Study section, when `detflow study report` wrote it (a study runs outside `dvc repro`, as "
+            "DVC experiments of this checkout; the section shows when the results were written).")},
     "external": {"<each external[].source in params.yaml>": (
         "the external sets are a list in params.yaml of any length, empty by default; dvc.yaml cannot list a "
         "variable number of deps in one stage, and one stage per set (`foreach`, which DVC 3.67 accepts over an "

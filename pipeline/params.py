@@ -128,6 +128,9 @@ class BaseTrainParams(_Section):
     strategy: Literal["feature_extraction", "fine_tune", "progressive"] = "fine_tune"
     unfreeze_at: list[int] = Field(default_factory=lambda: [2, 4])
     backbone_lr_mult: float = Field(1.0, gt=0.0, le=1.0)
+    # share of the train split's images trained on: a patient-level, class-stratified, nested subsample whose order
+    # is seeded by train.seed (pipeline/train/subset.py); val and test never change
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
     epochs: int = Field(20, ge=1, le=10_000)
     imgsz: int = Field(256, ge=32, le=4096)
     batch: int = Field(16, ge=1, le=1024)
@@ -283,6 +286,31 @@ class BaseExportParams(_Section):
         return self
 
 
+DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
+    "feature_extraction": {"strategy": "feature_extraction"},
+    "fine_tune": {"strategy": "fine_tune"},
+    "progressive": {"strategy": "progressive"},
+    "fine_tune_low_lr": {"strategy": "fine_tune", "backbone_lr_mult": 0.1},
+}
+
+
+class StudyParams(_Section):
+    """``detflow study``: recipe x data fraction x initialisation x seed, each arm a DVC experiment.
+
+    Types only here; what makes a study runnable (recipe keys are train keys, fractions in (0, 1], one budget rule,
+    ...) is checked by :func:`pipeline.study.plan.check_study` with one line per problem, since only ``detflow
+    study`` reads this section (no stage depends on it)."""
+
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_RECIPES.items()})
+    fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0])
+    init: list[str] = Field(default_factory=lambda: ["coco", "scratch"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    imgsz: int = 256
+    epochs: int | None = 20
+    steps: int | None = None
+    wide_ci: float = 0.1
+
+
 class BaseParams(_Section):
     """Every section; ``train`` and ``export`` as names and mappings (see the module docstring)."""
 
@@ -294,6 +322,7 @@ class BaseParams(_Section):
     gate: GateParams = Field(default_factory=GateParams)
     export: BaseExportParams = Field(default_factory=BaseExportParams)
     external: list[ExternalSetParams] = Field(default_factory=list)
+    study: StudyParams = Field(default_factory=StudyParams)
 
     @field_validator("external")
     @classmethod

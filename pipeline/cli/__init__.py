@@ -1,6 +1,6 @@
 """`detflow` command line: thin sub-apps, one module per concern, each command one thin entry: read params, call
 the library, print one line. ``data`` (phantom, prepare), ``model`` (train, evaluate, export), ``inference``
-(adapt, infer, shift), ``serve``, ``report``; the groups ``assets``, ``registry``, ``flow`` and ``pacs``.
+(adapt, infer, shift), ``serve``, ``report``; the groups ``assets``, ``registry``, ``flow``, ``pacs`` and ``study``.
 ``common`` holds the shared options and helpers.
 
 Library code raises; only this package turns errors into messages and exit codes (here).
@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from pipeline.cli import assets, data, flow, inference, model, pacs, registry, report, serve
+from pipeline.cli import assets, data, flow, inference, model, pacs, registry, report, serve, study
 from pipeline.errors import ConfigError, DetflowError
 
 log = logging.getLogger("detflow")
@@ -31,6 +31,7 @@ app.add_typer(registry.app, name="registry")
 app.add_typer(flow.app, name="flow")
 app.add_typer(report.app)
 app.add_typer(pacs.app, name="pacs")
+app.add_typer(study.app, name="study")
 
 
 def _fail(message: str, code: int) -> int:

@@ -37,3 +37,28 @@ def flow_run(
     for stage, s in summary["stages"].items():
         typer.echo(f"  {stage:<9} {s['status']:<8} {s['seconds']:>7.1f} s")
     typer.echo(f"{summary['message']}; champion {summary['champion']} ({summary['seconds']:.1f} s)")
+
+
+@app.command("study")
+def flow_study(
+    set_: SetOpt = None,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="arms trained at once (DVC queue workers)")] = 1,
+    repo: Annotated[Path, typer.Option(help="repository checkout to run in")] = Path("."),
+) -> None:
+    """Run the transfer-learning study as a Prefect flow (detflow study run, then report); its artifact links the
+    study page. --set takes study.* keys, e.g. --set study.fractions=[0.5,1.0]."""
+    from pipeline.config import parse_override
+    from pipeline.study.runner import study_overrides
+
+    if not repo.is_dir():
+        raise DetflowError(f"repository checkout {repo} is not a folder")
+    study = {k.removeprefix("study."): v for k, v in map(parse_override, study_overrides(set_))}
+    model_params(repo / "params.yaml", set_)  # bad params fail here, before a Prefect server starts
+    from flows.study import study_pipeline
+    from flows.training import start_local_server
+
+    start_local_server()
+    summary = study_pipeline(study=study, jobs=jobs, repo=str(repo))
+    typer.echo(f"study flow: {summary['done']}/{summary['arms']} arms ({summary['seconds']:.1f} s) -> "
+               f"{summary['page']}")
+    typer.echo(summary["recommendation"]["text"])

@@ -14,12 +14,14 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pipeline.matching import greedy_match, pairwise_iou
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+COCO_IOUS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))  # mAP50-95's thresholds, as COCOeval's iouThrs
 
 
 @dataclass
@@ -33,6 +35,30 @@ class ImageDets:
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+
+
+def image_dets_from_coco(predictions: list[dict], gt: dict) -> list[ImageDets]:
+    """The evaluator's per-image records rebuilt from COCO results (predictions.json) and the split's ground truth,
+    in the ground truth's image order."""
+    by_image: dict[int, list[dict]] = {}
+    for p in predictions:
+        by_image.setdefault(p["image_id"], []).append(p)
+    anns: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+
+    def xyxy(rows: list[dict], key: str) -> np.ndarray:
+        return np.array([[x, y, x + w, y + h] for x, y, w, h in (r[key] for r in rows)],
+                        dtype=np.float64).reshape(-1, 4)
+
+    out = []
+    for e in gt["images"]:
+        p, a = by_image.get(e["id"], []), anns.get(e["id"], [])
+        out.append(ImageDets(image_id=e["id"], patient=str(e.get("patient", e["id"])), gt_boxes=xyxy(a, "bbox"),
+                             gt_labels=np.array([q["category_id"] - 1 for q in a], dtype=np.int64),
+                             boxes=xyxy(p, "bbox"), scores=np.array([q["score"] for q in p], dtype=np.float64),
+                             labels=np.array([q["category_id"] - 1 for q in p], dtype=np.int64)))
+    return out
 
 
 def to_coco_results(images: Sequence[ImageDets]) -> list[dict]:
@@ -163,16 +189,8 @@ class _ImageAP:
 
 
 def _coco_style_matches(im: ImageDets, n_classes: int, max_dets: int = 100) -> _ImageAP:
-    scores, tps, n_gt = {}, {}, {}
-    for c in range(n_classes):
-        g = im.gt_boxes[im.gt_labels == c]
-        sel = im.labels == c
-        s, b = im.scores[sel], im.boxes[sel]
-        order = np.argsort(-s, kind="mergesort")[:max_dets]
-        s, b = s[order], b[order]
-        tp = greedy_match(b, s, g, iou_thr=0.5).matched  # already one class; s is sorted, the order stays
-        scores[c], tps[c], n_gt[c] = s, tp, len(g)
-    return _ImageAP(scores, tps, n_gt)
+    m = _coco_matches_at(im, n_classes, (0.5,), max_dets)
+    return _ImageAP(m.scores, {c: t[0] for c, t in m.tps.items()}, m.n_gt)
 
 
 def map50_from_matches(per_image: Sequence[_ImageAP], n_classes: int) -> float:
@@ -282,6 +300,127 @@ def worst_cases(images: Sequence[ImageDets], conf: float, max_cases: int = MAX_C
                                for bx, sc, lb in zip(im.boxes[keep], im.scores[keep], im.labels[keep], strict=True)]}
 
     return {"fn": [case(c) for c in fns[:max_cases]], "fp": [case(c) for c in fps[:max_cases]]}
+
+
+# --------------------------------------------------------------------------------------------- paired bootstrap
+
+@dataclass
+class _ImageAPs:
+    """Per-image, per-class matches at every COCO IoU threshold (``tps[c]``: thresholds x detections)."""
+
+    scores: dict[int, np.ndarray]
+    tps: dict[int, np.ndarray]
+    n_gt: dict[int, int]
+
+
+def _coco_matches_at(im: ImageDets, n_classes: int, ious: Sequence[float] = COCO_IOUS,
+                     max_dets: int = 100) -> _ImageAPs:
+    """COCOeval's matching per class: the ``max_dets`` highest-scoring detections, each IoU threshold matched on
+    its own (a detection may match at 0.5 and miss at 0.75)."""
+    scores, tps, n_gt = {}, {}, {}
+    for c in range(n_classes):
+        g = im.gt_boxes[im.gt_labels == c]
+        sel = im.labels == c
+        s, b = im.scores[sel], im.boxes[sel]
+        order = np.argsort(-s, kind="mergesort")[:max_dets]
+        s, b = s[order], b[order]
+        scores[c], n_gt[c] = s, len(g)
+        # already one class; s is sorted, the order stays
+        tps[c] = np.stack([greedy_match(b, s, g, iou_thr=t).matched for t in ious]) if len(s) \
+            else np.zeros((len(ious), 0), dtype=bool)
+    return _ImageAPs(scores, tps, n_gt)
+
+
+def _maps_from_matches(per_image: Sequence[_ImageAPs], n_classes: int) -> tuple[float, float]:
+    """(mAP50, mAP50-95): the mean over classes with ground truth of AP at IoU 0.5 and of AP averaged over
+    :data:`COCO_IOUS` (COCOeval's "all areas, 100 detections" numbers, from the matches computed once)."""
+    ap50, ap5095 = [], []
+    for c in range(n_classes):
+        n = sum(m.n_gt[c] for m in per_image)
+        if n == 0:
+            continue
+        s = np.concatenate([m.scores[c] for m in per_image])
+        t = np.concatenate([m.tps[c] for m in per_image], axis=1)
+        per_iou = [_coco_ap(s, t[k], n) for k in range(len(COCO_IOUS))]
+        ap50.append(per_iou[0])
+        ap5095.append(float(np.mean(per_iou)))
+    return (float(np.mean(ap50)), float(np.mean(ap5095))) if ap50 else (float("nan"), float("nan"))
+
+
+PAIRED_METRICS = ("map50", "map50_95", "cpm")
+
+
+@dataclass
+class BootstrapDraws:
+    """Each arm's metrics on the full test set (``point``) and on every patient resample (``draws``), all arms on the
+    *same* resampled patients, so differences between arms are paired."""
+
+    point: dict[str, dict[str, float]]  # arm -> metric -> value
+    draws: dict[str, dict[str, np.ndarray]]  # arm -> metric -> (n_resamples,)
+    n_patients: int
+    n_images: int
+    n_resamples: int
+    seed: int
+
+
+def percentile_interval(values: np.ndarray) -> list[float]:
+    """The 95 % percentile interval of bootstrap values (NaN resamples, e.g. without any lesion, left out)."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    return [round(float(np.percentile(a, 2.5)), 4), round(float(np.percentile(a, 97.5)), 4)] if a.size \
+        else [float("nan"), float("nan")]
+
+
+def bootstrap_draws(arms: dict[str, Sequence[ImageDets]], n_classes: int, froc_iou: float, n_resamples: int = 1000,
+                    seed: int = 0, fp_rates: Sequence[float] = FROC_FP_RATES) -> BootstrapDraws:
+    """mAP50, mAP50-95 and CPM of every arm, on the full set and on ``n_resamples`` patient resamples shared by all
+    arms. Every arm must hold the same images with the same patients (one test split scored by several models).
+
+    The resamples are those of :func:`bootstrap_ci` for the same seed (one ``rng.integers`` call per resample over
+    the sorted patients), so an arm's mAP50 and CPM intervals here equal the ones in its metrics.json.
+    """
+    if not arms:
+        raise ValueError("bootstrap_draws needs at least one arm")
+    names = list(arms)
+    ref = [(im.image_id, im.patient) for im in arms[names[0]]]
+    for name in names[1:]:
+        if [(im.image_id, im.patient) for im in arms[name]] != ref:
+            raise ValueError(f"arm {name!r} was scored on other images than arm {names[0]!r}; a paired comparison "
+                             "needs one test split")
+    patients = sorted({p for _, p in ref})
+    by_patient = {p: [i for i, (_, q) in enumerate(ref) if q == p] for p in patients}
+    ap = {a: [_coco_matches_at(im, n_classes) for im in arms[a]] for a in names}
+    fr = {a: [_froc_hits(im, froc_iou) for im in arms[a]] for a in names}
+
+    def metrics(arm: str, idx: Sequence[int]) -> tuple[float, float, float]:
+        m50, m5095 = _maps_from_matches([ap[arm][i] for i in idx], n_classes)
+        return m50, m5095, _froc_from_arrays(*_pooled([fr[arm][i] for i in idx]), fp_rates).cpm
+
+    everything = list(range(len(ref)))
+    point = {a: dict(zip(PAIRED_METRICS, metrics(a, everything), strict=True)) for a in names}
+    out = {a: np.full((len(PAIRED_METRICS), n_resamples), np.nan) for a in names}
+    rng = np.random.default_rng(seed)
+    for r in range(n_resamples):
+        chosen = rng.integers(0, len(patients), len(patients))
+        idx = [i for k in chosen for i in by_patient[patients[k]]]
+        for a in names:
+            out[a][:, r] = metrics(a, idx)
+    draws = {a: {m: out[a][k] for k, m in enumerate(PAIRED_METRICS)} for a in names}
+    return BootstrapDraws(point, draws, len(patients), len(ref), n_resamples, seed)
+
+
+def paired_difference(boot: BootstrapDraws, a: str, b: str, metric: str = "map50") -> dict[str, Any]:
+    """``a - b`` on the full set and its 95 % interval over the shared resamples (the same patients for both)."""
+    return {"difference": round(boot.point[a][metric] - boot.point[b][metric], 4),
+            "ci95": percentile_interval(boot.draws[a][metric] - boot.draws[b][metric])}
+
+
+def paired_bootstrap(images_a: Sequence[ImageDets], images_b: Sequence[ImageDets], n_classes: int, froc_iou: float,
+                     n_resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Two models on one test set: per metric, both values, ``a - b`` and its paired patient-bootstrap interval."""
+    boot = bootstrap_draws({"a": images_a, "b": images_b}, n_classes, froc_iou, n_resamples, seed)
+    return {m: {**paired_difference(boot, "a", "b", m), "a": round(boot.point["a"][m], 4),
+                "b": round(boot.point["b"][m], 4)} for m in PAIRED_METRICS}
 
 
 # --------------------------------------------------------------------------------------------- operating point

@@ -222,7 +222,9 @@ def build_card(*, family: FamilySpec, model_name: str, classes: list[str], imgsz
         "opset": settings.opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
         "training_data": {"source": info.get("source"), "manifest_sha256": info.get("manifest_sha256"),
                           "split_mode": info.get("split_mode"), "modalities": info.get("modalities") or [],
-                          "image_long_side_px": sizes["image_long_side_px"], "object_sizes": sizes},
+                          "image_long_side_px": sizes["image_long_side_px"], "object_sizes": sizes,
+                          # train.fraction: which share of the train split the model saw (null before it existed)
+                          "train_subset": (train_summary.get("transfer") or {}).get("train_subset")},
         "pretrained": (train_summary.get("transfer") or {}).get("pretrained"),
         "metrics": {k: metrics.get(k) for k in ("split", "map50_95", "map50", "per_class", "froc", "ci95",
                                                 "n_images", "n_patients")},

@@ -56,8 +56,8 @@ def _mib(value: Any) -> str:
     return f"{value / 2**20:.2f} MiB ({value:,} bytes)" if isinstance(value, int) else "n/a"
 
 
-def render_report(sections: dict[str, Any]) -> str:
-    """The page from the collected sections (autoescaped; only our own SVG is marked safe)."""
+def render_page(template: str, **context: Any) -> str:
+    """One of this package's templates (autoescaped; only our own SVG is marked safe), with the report's CSS."""
     from jinja2 import ChainableUndefined, Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("pipeline.report", "templates"),
@@ -66,7 +66,12 @@ def render_report(sections: dict[str, Any]) -> str:
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_num, plain=_plain, mib=_mib)
     css = (Path(__file__).parent / "templates" / "style.css").read_text(encoding="utf-8")
-    return env.get_template("report.html.j2").render(r=sections, css=css)
+    return env.get_template(template).render(css=css, **context)
+
+
+def render_report(sections: dict[str, Any]) -> str:
+    """The page from the collected sections."""
+    return render_page("report.html.j2", r=sections)
 
 
 def write_report(inputs: ReportInputs, params: Any, out: Path, copies: list[Path] | None = None) -> ReportResult:

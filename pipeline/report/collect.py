@@ -225,6 +225,7 @@ def transfer_section(inp: ReportInputs, summary: dict | None) -> dict[str, Any]:
             "strategy": transfer.get("strategy"), "backbone_lr_mult": transfer.get("backbone_lr_mult"),
             "groups": transfer.get("group_parameters") or {}, "new_modules": transfer.get("new_modules") or [],
             "freeze": _freeze_ranges(transfer.get("frozen_by_epoch") or {}),
+            "subset": transfer.get("train_subset"), "trainable": transfer.get("trainable_parameters"),
             "epochs": (summary or {}).get("epochs_run"), "family": (summary or {}).get("family"),
             "model": (summary or {}).get("model"), "curves": curves, "missing": missing}
 
@@ -454,6 +455,17 @@ def provenance_section(inp: ReportInputs, card: dict | None) -> dict[str, Any]:
             "missing": missing}
 
 
+def study_section(inp: ReportInputs) -> dict[str, Any]:
+    """``detflow study report``'s results, when a study was run in this checkout (not a DVC dep of the report: a
+    study is optional and runs outside ``dvc repro``; the section says when its results were written)."""
+    from pipeline.report.study import study_section as section
+
+    path = inp.reports / "study" / "results.json"
+    missing: list[str] = []
+    results = _json(path, missing, "") if path.is_file() else None
+    return {**section(results, path), "missing": missing}
+
+
 # ------------------------------------------------------------------------------------------------ all
 
 
@@ -471,6 +483,7 @@ def collect(inp: ReportInputs, params: Any) -> dict[str, Any]:
         "transfer": transfer_section(inp, summary),
         "evaluation": evaluation_section(inp, metrics),
         "generalisation": generalisation_section(inp, metrics, card),
+        "study": study_section(inp),
         "deployment": deployment_section(inp, card, gate),
         "provenance": provenance_section(inp, card),
     }

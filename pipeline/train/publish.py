@@ -95,21 +95,30 @@ def _csv_text(rows: list[dict[str, str]]) -> str:
     return buf.getvalue()
 
 
+def trainable_parameters(group_params: dict[str, int], frozen_by_epoch: dict[int, list[str]]) -> int:
+    """Parameters the optimizer updated in at least one epoch: every group but those frozen in every epoch."""
+    always = set.intersection(*(set(g) for g in frozen_by_epoch.values())) if frozen_by_epoch else set()
+    return int(sum(n for g, n in group_params.items() if g not in always))
+
+
 def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_dir: Path, best: Path, last: Path,
                 out_dir: Path, reports_dir: Path, transfer_report: dict[str, Any] | None,
                 frozen_by_epoch: dict[int, list[str]], group_params: dict[str, int],
                 resume_epoch: int | None, extra_figures: Sequence[Path] = (),
-                notes: Sequence[str] = ()) -> TrainResult:
+                notes: Sequence[str] = (), subset: dict[str, Any] | None = None) -> TrainResult:
     """Copy a finished run's weights and reports into the stage outputs (atomically, file by file).
 
     Outputs: ``out_dir/{best,last}.pt`` and ``params.yaml``; ``reports_dir/{transfer,summary,metrics}.json``,
-    ``results.csv``, ``live/`` (DVCLive) and ``figures/``. ``notes`` (what the family ignored) go into transfer.json.
+    ``results.csv``, ``live/`` (DVCLive) and ``figures/``. ``notes`` (what the family ignored) and ``subset``
+    (``train.fraction``'s share of the train split) go into transfer.json; metrics.json also carries the run's cost
+    (optimizer steps and seconds from the run folder's budget record, trainable parameters, train images).
     """
     import shutil
 
     import yaml
 
     from pipeline.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from pipeline.train.runs import read_budget
 
     tp = params.train
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,18 +130,25 @@ def publish_run(*, family: str, params: Any, pretrained: PretrainedSource, run_d
                                 tp.backbone_lr_mult)
     if notes:
         transfer["notes"] = list(notes)
+    transfer["trainable_parameters"] = trainable_parameters(group_params, frozen_by_epoch)
+    if subset is not None:
+        transfer["train_subset"] = subset
     reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(reports_dir / "transfer.json", transfer)
     results = run_dir / "results.csv"
     rows = _dedupe_epochs(results) if results.exists() else []
     metrics: dict[str, float] = {"epochs": float(len(rows))}
+    budget = read_budget(run_dir)
+    cost: dict[str, Any] = {"optimizer_steps": budget["optimizer_steps"], "train_seconds": budget["train_seconds"],
+                            "trainable_params": transfer["trainable_parameters"],
+                            "train_images": (subset or {}).get("n_images")}
     if rows:
         m50 = [float(r.get("metrics/mAP50(B)", "nan")) for r in rows]
         m5095 = [float(r.get("metrics/mAP50-95(B)", "nan")) for r in rows]
         metrics.update({"val_map50": m50[-1], "val_map50_95": m5095[-1], "best_val_map50": max(m50),
                         "best_val_map50_95": max(m5095)})
         atomic_write_text(reports_dir / "results.csv", _csv_text(rows))
-    atomic_write_json(reports_dir / "metrics.json", metrics)
+    atomic_write_json(reports_dir / "metrics.json", {**metrics, **cost})
     for sub in ("live", "figures"):
         if (reports_dir / sub).exists():
             shutil.rmtree(reports_dir / sub)

@@ -40,3 +40,27 @@ def default_workdir() -> Path:
     from pipeline.ultralytics_env import state_root
 
     return state_root() / "train"
+
+
+BUDGET_FILE = "budget.json"  # in a run folder: optimizer steps and seconds of the epochs its last.pt holds
+
+
+def add_budget(run_dir: Path, steps: int, seconds: float) -> None:
+    """Add one epoch's optimizer steps and wall seconds to the run's budget record (kept across resumes)."""
+    from pipeline.fileio import atomic_write_json
+
+    spent = read_budget(run_dir)
+    atomic_write_json(run_dir / BUDGET_FILE, {"optimizer_steps": spent["optimizer_steps"] + int(steps),
+                                              "train_seconds": round(spent["train_seconds"] + float(seconds), 3)})
+
+
+def read_budget(run_dir: Path) -> dict[str, Any]:
+    """``{"optimizer_steps", "train_seconds"}`` spent so far by the run in ``run_dir`` (zeros when none)."""
+    path = run_dir / BUDGET_FILE
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            return {"optimizer_steps": int(doc["optimizer_steps"]), "train_seconds": float(doc["train_seconds"])}
+        except (ValueError, KeyError, TypeError):
+            pass
+    return {"optimizer_steps": 0, "train_seconds": 0.0}

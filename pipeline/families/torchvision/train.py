@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from pipeline.fileio import atomic_write_json, atomic_write_text
 from pipeline.train import distributed  # data-parallel machinery (lines marked "DDP")
 from pipeline.train.devices import cpu_threads, resolve_device
 from pipeline.train.publish import publish_run
-from pipeline.train.runs import check_prepared, run_fingerprint
+from pipeline.train.runs import add_budget, check_prepared, run_fingerprint
 from pipeline.train.strategies import frozen_groups_at, validate_schedule
+from pipeline.train.subset import TrainSubset, load_train_subset, write_subset_view
 from pipeline.train.weights_import import transfer_state_dict
 
 if TYPE_CHECKING:
@@ -149,6 +151,7 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     ctx = distributed.context(tp.device, single=lambda: _device(resolve_device(tp.device)))  # DDP
     device = ctx.device
     info = check_prepared(prepared)
+    subset = load_train_subset(prepared, tp.fraction, tp.seed)  # train.fraction; fails before any training
     train_doc = json.loads((prepared / "coco" / "train.json").read_text())
     val_doc = json.loads((prepared / "coco" / "val.json").read_text())
     classes = _classes(prepared, info, train_doc)
@@ -189,8 +192,8 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     if not use_cuda:
         torch.set_num_threads(ctx.cpu_threads(cpu_threads(tp.cpu_threads)))  # DDP: ranks share the cores
     gen = torch.Generator()
-    train_ds = CocoDetection(prepared, prepared / "coco" / "train.json",
-                             build_transforms(tp, train=True, square=arch.size == "fixed"))
+    train_json = prepared / "coco" / "train.json" if subset.whole else write_subset_view(prepared, subset, run_dir)[1]
+    train_ds = CocoDetection(prepared, train_json, build_transforms(tp, train=True, square=arch.size == "fixed"))
     val_ds = CocoDetection(prepared, prepared / "coco" / "val.json", build_transforms(tp, train=False))
     sampler = distributed.train_sampler(train_ds, ctx, tp.seed + 1)  # DDP: the same global batches on 1 or N ranks
     train_loader = make_loader(distributed.KeyedSamples(train_ds, seeds), tp, True, workers, use_cuda, gen,
@@ -223,6 +226,7 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     trainer: torch.nn.Module | None = None  # DDP: the module the epoch trains through (DDP wrapper or the model)
     try:
         for epoch in range(start_epoch, tp.epochs):
+            epoch_start = time.perf_counter()
             _seed_all(tp.seed + 1 + epoch)  # per-epoch streams: a resumed run draws what an uninterrupted one would
             gen.manual_seed(tp.seed + 1 + epoch)
             sampler.set_epoch(epoch)  # DDP
@@ -265,6 +269,7 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
                                          pretrained, finished), best)
             save_atomic(make_checkpoint(model, optimizer, scheduler, scaler, epoch, st, params, fingerprint, classes,
                                      pretrained, finished), last)
+            add_budget(run_dir, len(train_loader), time.perf_counter() - epoch_start)  # one step per batch
             log.info("epoch %d/%d: loss %.4f mAP50 %.4f mAP50-95 %.4f%s", epoch + 1, tp.epochs, losses["loss"],
                      map50, map5095, " (best)" if improved else "")
             if on_epoch_end is not None:
@@ -280,11 +285,11 @@ def train_torchvision(params: Params, prepared: Path, out_dir: Path, reports_dir
     if not ctx.main:  # DDP: rank 0 publishes the run
         return None  # type: ignore[return-value]
     group_params = group_param_counts(model, groups_of)
-    return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params)
+    return _finish(params, pretrained, run_dir, out_dir, reports_dir, start_epoch, st, group_params, subset)
 
 
 def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
-            start_epoch: int, st: RunState, group_params: dict[str, int]) -> TrainResult:
+            start_epoch: int, st: RunState, group_params: dict[str, int], subset: TrainSubset) -> TrainResult:
     """Publish the run through the shared ``publish_run`` (as the yolo family does), with this family's notes."""
     last = run_dir / "last.pt"
     best = run_dir / "best.pt" if (run_dir / "best.pt").exists() else last
@@ -294,4 +299,5 @@ def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir
     return publish_run(family=TORCHVISION.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=last, out_dir=out_dir, reports_dir=reports_dir, transfer_report=st.transfer_report,
                        frozen_by_epoch=st.frozen_by_epoch, group_params=group_params,
-                       resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes)
+                       resume_epoch=start_epoch - 1 if start_epoch > 0 else None, notes=notes,
+                       subset=subset.summary())

@@ -24,6 +24,7 @@ from pipeline.train.devices import resolve_device
 from pipeline.train.publish import publish_run
 from pipeline.train.runs import check_prepared, run_fingerprint
 from pipeline.train.strategies import frozen_groups_at, validate_schedule
+from pipeline.train.subset import TrainSubset, load_train_subset, write_subset_view
 from pipeline.ultralytics_env import import_ultralytics
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     validate_schedule(tp)
     device = resolve_device(tp.device)
     info = check_prepared(prepared)
+    subset = load_train_subset(prepared, tp.fraction, tp.seed)  # train.fraction; fails before any training
     prefixes = yolo_group_prefixes(tp.model)
     import_ultralytics()
     from ultralytics import YOLO
@@ -84,6 +86,9 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     if resume_epoch is None and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    dataset_yaml = (prepared / "dataset.yaml").resolve()
+    if not subset.whole:
+        dataset_yaml, _ = write_subset_view(prepared, subset, run_dir)
 
     state_path = None
     transferred: list[str] = []
@@ -112,7 +117,7 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     aug = tp.augment
     initial_frozen = frozen_groups_at(tp.strategy, tp.unfreeze_at, 0)
     args: dict[str, Any] = dict(
-        data=str((prepared / "dataset.yaml").resolve()), epochs=tp.epochs, imgsz=tp.imgsz, batch=tp.batch,
+        data=str(dataset_yaml), epochs=tp.epochs, imgsz=tp.imgsz, batch=tp.batch,
         device=device, workers=tp.workers, seed=tp.seed, deterministic=True, patience=tp.patience or tp.epochs,
         optimizer=tp.optimizer, lr0=tp.lr, project=str(run_dir.parent), name=run_dir.name, exist_ok=True,
         fliplr=aug.fliplr, flipud=aug.flipud, scale=aug.scale, mosaic=1.0 if aug.mosaic else 0.0,
@@ -127,11 +132,11 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     else:
         model = YOLO(f"{tp.model}.yaml")
         model.train(trainer=trainer_class(), **args)
-    return _finish(params, pretrained, run_dir, out_dir, reports_dir, resume_epoch)
+    return _finish(params, pretrained, run_dir, out_dir, reports_dir, resume_epoch, subset)
 
 
 def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir: Path, reports_dir: Path,
-            resume_epoch: int | None) -> TrainResult:
+            resume_epoch: int | None, subset: TrainSubset) -> TrainResult:
     weights = run_dir / "weights"
     best = weights / "best.pt" if (weights / "best.pt").exists() else weights / "last.pt"
     for ckpt_path in {best, weights / "last.pt"}:
@@ -145,7 +150,7 @@ def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir
     return publish_run(family=YOLO.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=weights / "last.pt", out_dir=out_dir, reports_dir=reports_dir, transfer_report=report,
                        frozen_by_epoch={int(k): v for k, v in frozen.items()}, group_params=group_params,
-                       resume_epoch=resume_epoch,
+                       resume_epoch=resume_epoch, subset=subset.summary(),
                        extra_figures=[run_dir / n for n in ("results.png", "confusion_matrix.png", "labels.jpg")])
 
 

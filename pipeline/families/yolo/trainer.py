@@ -19,6 +19,7 @@ import torch
 from pipeline.augment import PhotometricJitter
 from pipeline.fileio import atomic_write_json
 from pipeline.train.devices import cpu_threads
+from pipeline.train.runs import add_budget
 from pipeline.train.strategies import frozen_groups_at, names_in_groups
 from pipeline.train.weights_import import transfer_state_dict
 from pipeline.ultralytics_env import import_ultralytics
@@ -112,7 +113,10 @@ def _build_trainer_class() -> type:
             for event, fns in self.callbacks.items():
                 self.callbacks[event] = [f for f in fns if getattr(f, "__module__", None) != __name__]
             main = RANK in (-1, 0)
+            self.budget_steps, self.budget_mark = 0, 0.0
             self.add_callback("on_train_start", _set_cpu_threads)
+            self.add_callback("on_train_start", _start_budget)
+            self.add_callback("on_model_save", _record_budget)
             self.add_callback("on_train_epoch_start", _apply_freeze_schedule)  # every rank: requires_grad
             self.add_callback("on_train_batch_end", _pin_frozen_ema)
             if main:  # DVCLive metrics from rank 0 only (Ultralytics runs on_fit_epoch_end on every rank)
@@ -144,6 +148,11 @@ def _build_trainer_class() -> type:
                 jitter_train_dataset(dataset, self.detflow["params"]["train"].get("augment", {}))
             return dataset
 
+        def optimizer_step(self) -> None:
+            """Ultralytics' step, counted (``train.fraction`` studies compare arms at equal optimizer steps)."""
+            super().optimizer_step()
+            self.budget_steps += 1
+
         def build_optimizer(self, model: Any, name: str = "auto", lr: float = 0.001, momentum: float = 0.9,
                             decay: float = 1e-5, iterations: float = 1e5) -> torch.optim.Optimizer:
             """Ultralytics' optimizer with each param group split in two: pretrained layers get lr x mult."""
@@ -166,6 +175,22 @@ def _build_trainer_class() -> type:
 
     DetflowDetectionTrainer.__qualname__ = "DetflowDetectionTrainer"
     return DetflowDetectionTrainer
+
+
+def _start_budget(trainer: Any) -> None:
+    import time
+
+    trainer.budget_steps, trainer.budget_mark = 0, time.perf_counter()
+
+
+def _record_budget(trainer: Any) -> None:
+    """After each epoch's checkpoint: add its optimizer steps and seconds (validation included) to budget.json, so
+    the record holds exactly the epochs last.pt holds, across resumes."""
+    import time
+
+    now = time.perf_counter()
+    add_budget(trainer.run_dir, trainer.budget_steps, now - trainer.budget_mark)
+    trainer.budget_steps, trainer.budget_mark = 0, now
 
 
 def _apply_freeze_schedule(trainer: Any) -> None:
