@@ -252,7 +252,7 @@ def test_flaky_asset_fetch_is_retried_and_optional_asset_may_fail(trained: dict[
 
     monkeypatch.setattr(assets, "resolve", flaky)
     monkeypatch.setattr(ft, "asset_fetch", ft.asset_fetch.with_options(retry_delay_seconds=0))
-    monkeypatch.setattr(ft, "needed_assets", lambda params: [("bccd", True)])
+    monkeypatch.setattr(ft, "named_assets", lambda params: [("bccd", True)])
     state = ft.training_pipeline(overrides=TINY, repo=str(trained["repo"]), return_state=True)
     assert state.is_completed(), state.message
     assert calls == ["bccd", "bccd"]
@@ -265,12 +265,12 @@ def test_flaky_asset_fetch_is_retried_and_optional_asset_may_fail(trained: dict[
         raise AssetError(f"asset {name!r} is not available (simulated)")
 
     monkeypatch.setattr(assets, "resolve", down)
-    monkeypatch.setattr(ft, "needed_assets", lambda params: [("yolov5n-coco", False)])
+    monkeypatch.setattr(ft, "named_assets", lambda params: [("yolov5n-coco", False)])
     summary = ft.training_pipeline(overrides=TINY, repo=str(trained["repo"]))
     assert summary["assets"] == {"yolov5n-coco": "unavailable"}
 
     # a required asset that stays unavailable fails the flow after 1 + 3 attempts
-    monkeypatch.setattr(ft, "needed_assets", lambda params: [("bccd", True)])
+    monkeypatch.setattr(ft, "named_assets", lambda params: [("bccd", True)])
     state = ft.training_pipeline(overrides=TINY, repo=str(trained["repo"]), return_state=True)
     assert state.is_failed() and "not available (simulated)" in state.message
     fetch = [r for r in _task_runs(state.state_details.flow_run_id) if r.name.startswith("asset-fetch")]
