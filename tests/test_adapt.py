@@ -118,9 +118,14 @@ def test_scaling_sets_the_letterbox_target() -> None:
     assert batch.shape == (1, 3, 320, 416) and meta.scale == pytest.approx(416 / 640)
     half = InputScaling(scale=0.5)
     batch, (meta,) = preprocess([im], 416, stride=32, scaling=half)
-    assert batch.shape == (1, 3, 160, 224) and meta.scale == pytest.approx(208 / 640)  # 208 padded to 224
+    # 208 is rounded to the stride (224), so the long side fills the canvas: no grey border beside it
+    assert batch.shape == (1, 3, 192, 224) and meta.scale == pytest.approx(224 / 640) and meta.pad_x == 0
     batch, (meta,) = preprocess([im], 416, stride=32, scaling=InputScaling(scale=1.5))
-    assert batch.shape == (1, 3, 480, 640) and meta.scale == pytest.approx(624 / 640)
+    assert batch.shape == (1, 3, 480, 640) and meta.scale == pytest.approx(640 / 640)  # 624 -> 640
+    sq = np.full((256, 256, 3), 100, np.uint8)
+    for s in (0.69, 0.728, 0.75, 0.769):  # the bordered scales: every one fills its canvas now
+        batch, (meta,) = preprocess([sq], 416, stride=32, scaling=InputScaling(scale=s))
+        assert batch.shape[2] == batch.shape[3] == round(416 * s / 32) * 32 and meta.pad_x == meta.pad_y == 0
     # a fixed square input (Faster R-CNN): smaller inside the same input; magnification capped at 1
     batch, (meta,) = preprocess([im], 256, stride=0, scaling=half)
     assert batch.shape == (1, 3, 256, 256) and meta.scale == pytest.approx(128 / 640)
@@ -201,7 +206,7 @@ def test_adapt_site_b_dicom_uses_the_pixel_spacing(exported: dict[str, Path], tm
     assert decode_path(dcm).pixel_spacing == pytest.approx(0.5)
     long_side = card["training_data"]["image_long_side_px"]
     assert target_size(rgb, 64, engine.scaling, fixed=False, stride=engine.stride) == \
-        round(64 * 0.5 * max(rgb.shape[:2]) / (0.7 * long_side))
+        max(1, round(64 * 0.5 * max(rgb.shape[:2]) / (0.7 * long_side) / 32)) * 32  # to the stride
     train_dcm = sorted(exported["phantom"].rglob("*.dcm"))[0]  # site A: exactly as in training
     assert target_size(engine.decode(train_dcm).rgb, 64, engine.scaling, fixed=False, stride=engine.stride) == 64
     summary = run_batch(engine, site_b, tmp_path / "pred", batch=4, progress=False)  # batch infer reads the card
