@@ -253,21 +253,78 @@ def adapt(
     conf: Annotated[float | None, typer.Option(callback=_threshold, help="score threshold of the detections whose "
                                                "sizes are compared (default: the card's)")] = None,
     max_images: Annotated[int, typer.Option(help="target images used (in name order)")] = 64,
+    labels: Annotated[Path | None, typer.Option(help="few-shot: labels of some SOURCE images (COCO .json, VOC, "
+                                                "YOLO or DICOM+CSV); fine-tunes the model on --shots of them")] = None,
+    shots: Annotated[int | None, typer.Option(help="few-shot: K, the number of labelled images to fine-tune on "
+                                              "(chosen deterministically; nested: the 5 are inside the 10)")] = None,
+    class_map: Annotated[str | None, typer.Option(help="few-shot: label -> model class, e.g. rbc=RBC,wbc=WBC "
+                                                  "(every label must map to a model class)")] = None,
+    format_: Annotated[str, typer.Option("--format", help="few-shot: labels format: auto, voc, coco, yolo, "
+                                         "dicom_csv")] = "auto",
+    checkpoint: Annotated[Path | None, typer.Option(help="few-shot: the checkpoint the model was exported from "
+                                                    "(default: the one its card names)")] = None,
+    with_scale: Annotated[bool, typer.Option("--with-scale", help="few-shot: first choose the label-free input "
+                                             "scale on SOURCE, then fine-tune and run at it")] = False,
+    steps: Annotated[int | None, typer.Option(help="few-shot: optimizer steps (default 100)")] = None,
+    seed: Annotated[int, typer.Option(help="few-shot: seed of the K-image order")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Adapt a model to a new site without labels: known pixel size first, else the input scale whose predicted
-    object sizes match the training objects'. Writes a model folder that infer, serve and evaluate use as is."""
+    """Adapt a model to a new site. Without labels: known pixel size first, else the input scale whose predicted
+    object sizes match the training objects' (only when the shift test finds the site shifted and the criterion
+    can tell). With --labels/--shots: fine-tune on K labelled images of the site (train.strategy,
+    train.backbone_lr_mult from params). Writes a model folder that infer, serve and evaluate use as is."""
     from pipeline.adapt import adapt_model
 
     if not source.exists():
         raise DetflowError(f"adapt source {source} does not exist")
+    few_shot = labels is not None or shots is not None
+    if few_shot:
+        if labels is None or shots is None:
+            raise DetflowError("few-shot adaptation needs both --labels (the annotations) and --shots (K)")
+        if pixel_size is not None or train_pixel_size is not None:
+            raise DetflowError("--pixel-size applies to label-free adaptation; with --labels, use --with-scale")
+    elif class_map is not None or checkpoint is not None or with_scale or steps is not None or format_ != "auto":
+        raise DetflowError("--class-map, --checkpoint, --with-scale, --steps and --format are few-shot options: "
+                           "give --labels and --shots too")
     _writable(out, "adapted model folder")
+    if few_shot:
+        from pipeline.config import parse_class_map
+        from pipeline.fewshot import FEW_SHOT_STEPS, few_shot_adapt
+
+        assert labels is not None and shots is not None
+        try:
+            mapping = parse_class_map(class_map)  # as `detflow evaluate --class-map` parses it
+        except ValueError as e:
+            raise ConfigError(f"--class-map: {e}") from None
+        p = _params(params, set_)
+        result = few_shot_adapt(model, source, labels, shots, out, p, checkpoint=checkpoint, class_map=mapping,
+                                fmt=format_, with_scale=with_scale, steps=FEW_SHOT_STEPS if steps is None else steps,
+                                seed=seed, progress=_progress(quiet))
+        a = result.adaptation
+        t = a["training"]
+        scale = a["label_free_scale"]
+        typer.echo(f"adapt: few_shot, {a['n_images']} of {a['selection']['n_labelled_images']} labelled images "
+                   f"(K={a['shots']}, fingerprint {a['images_fingerprint'][:12]}), strategy {a['strategy']}, "
+                   f"backbone lr x{a['backbone_lr_mult']}, {t['steps']} steps ({t['epochs']} epochs x "
+                   f"{t['steps_per_epoch']}) at {t['imgsz']} px"
+                   + (f" (label-free input scale {scale['input_scale']:.4g})" if scale else "")
+                   + f" in {t['seconds']:.0f} s -> {out / 'model_card.json'}")
+        return
     result = adapt_model(model, source, out, pixel_size=pixel_size, train_pixel_size=train_pixel_size, conf=conf,
                          max_images=max_images)
     a = result.adaptation
     b, c = a["before"], a["after"]
-    typer.echo(f"adapt: {a['method']}, input scale {a['input_scale']:.4g} on {a['n_images']} images "
-               f"({a['n_skipped']} skipped); confident detections {b['detections']} -> {c['detections']} "
-               f"-> {out / 'model_card.json'}")
+    shift = a.get("shift") or {}
+    tested = f"; shift p = {shift['p_value']:.3g}" if shift.get("tested") else ""
+    if a["changed"] or a["method"] != "object_scale":
+        typer.echo(f"adapt: {a['method']}, input scale {a['input_scale']:.4g} on {a['n_images']} images "
+                   f"({a['n_skipped']} skipped{tested}); confident detections {b['detections']} -> "
+                   f"{c['detections']} -> {out / 'model_card.json'}")
+    else:
+        typer.echo(f"adapt: {a['method']}: model unchanged (input scale {a['input_scale']:.4g}) on {a['n_images']} "
+                   f"images ({a['n_skipped']} skipped): {a['reason']} -> {out / 'model_card.json'}")
 
 
 @app.command()
