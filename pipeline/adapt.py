@@ -7,15 +7,22 @@ the adaptation is the size at which images are letterboxed (:class:`pipeline.inf
 - **known physical size first**: ``--pixel-size`` (microscopy: microns per pixel of the new site) or DICOM inputs
   that state ``PixelSpacing``: the engine brings each image's field of view to the training one (method
   ``pixel_size`` / ``pixel_spacing``); nothing is estimated.
-- **object-scale calibration** otherwise (method ``object_scale``): the model runs on the target images at input
-  scales ``s`` on a geometric grid (0.5 to 2, 2^(1/6) apart, then 2^(1/24) around the best); at each, the sizes
+- **object-scale calibration** otherwise (method ``object_scale``), only when the shift test (:mod:`pipeline.shift`,
+  against the card's reference sample) finds the site shifted: the model runs on the target images at every input
+  scale ``s`` it can run at between 0.5 and 2 (YOLO: each stride-multiple letterbox target once,
+  :func:`stride_grid`; fixed-input Faster R-CNN: a geometric grid 2^(1/6) apart, then 2^(1/24) around the best,
+  up to 1); at each, the sizes
   of its confident detections (``sqrt(w*h)`` in model-input pixels) are compared per class with the training
   objects' sizes recorded in the card (objects cut by the image edge left out on both sides, since a box
   clipped by the frame does not show its object's size; mean absolute difference of log-size quantiles, a 1-D
   Wasserstein distance, weighted by the training share of each class). The scale with the smallest distance wins, with
   two guards: a scale where the model finds fewer than half the objects of its most productive scale is not eligible
   (sizes of a few detections match by selection, not by scale), and 1.0 is kept unless another scale is closer by more
-  than :data:`KEEP_ONE_MARGIN` (about 5 % in size), so unshifted data stays as it was.
+  than :data:`KEEP_ONE_MARGIN` (about 5 % in size), so unshifted data stays as it was. A third guard asks whether
+  the criterion can tell at all: the chosen scale must be closer to the training sizes than 1 in at least
+  :data:`CONFIDENCE` of bootstrap resamples of the target's patients (:func:`criterion_confidence`). When the site
+  is not shifted, or the criterion cannot tell, the model comes back unchanged (scale 1) and the card's
+  ``adaptation.reason`` says why (:func:`guarded_scale`).
 
 ``s`` multiplies the letterbox target: for YOLO (dynamic H/W) the input becomes ``imgsz x s``; for fixed-shape
 Faster R-CNN the image is letterboxed to ``imgsz x s`` inside the fixed input, so only ``s <= 1`` (new site's
@@ -129,11 +136,23 @@ class ScaleChoice:
     scores: dict[float, dict[str, Any]]  # scale -> {"distance": float | None, "detections": int}
 
 
+def stride_grid(imgsz: int, stride: int, low: float = COARSE_GRID[0], high: float = COARSE_GRID[-1]
+                ) -> tuple[float, ...]:
+    """Every input scale a dynamic-shape model can actually run at between ``low`` and ``high``: the engine rounds
+    the letterbox target to a stride multiple (:func:`pipeline.infer.processing.target_size`), so the candidates
+    are ``k x stride / imgsz``, each canvas once (and 1, the training size)."""
+    ks = range(max(1, math.ceil(low * imgsz / stride - 1e-9)), math.floor(high * imgsz / stride + 1e-9) + 1)
+    return tuple(sorted({round(k * stride / imgsz, 4) for k in ks} | {1.0}))
+
+
 def choose_scale(measure: Callable[[float], dict[str, np.ndarray]], reference: dict[str, dict[str, Any]],
-                 grid: tuple[float, ...] = COARSE_GRID, max_scale: float = math.inf) -> ScaleChoice:
+                 grid: tuple[float, ...] = COARSE_GRID, max_scale: float = math.inf, refine: bool = True
+                 ) -> ScaleChoice:
     """The input scale whose predicted object sizes best match ``reference`` (see the module docstring).
 
     ``measure(s)``: class -> sizes (model-input pixels) of the confident detections at input scale ``s``.
+    ``refine``: also try 2^(1/24) steps around the grid's best (a geometric grid); off for :func:`stride_grid`,
+    which already holds every input the model can run at.
     """
     scores: dict[float, dict[str, Any]] = {}
 
@@ -158,7 +177,7 @@ def choose_scale(measure: Callable[[float], dict[str, np.ndarray]], reference: d
         raise AdaptError(f"the model made fewer than {MIN_CLASS_DETECTIONS} confident detections of every class at "
                          f"every input scale from {min(scores)} to {max(scores)}: there is nothing to calibrate on "
                          "(wrong model for these images, or lower --conf)")
-    for k in (-2, -1, 1, 2):
+    for k in (-2, -1, 1, 2) if refine else ():
         s = coarse * FINE_STEP ** k
         if min(grid) <= s <= min(max(grid), max_scale):
             score(s)
@@ -437,9 +456,14 @@ def adapt_model(model: Path, source: Path, out_dir: Path, *, pixel_size: float |
                     measured_per[s] = per_image_at(replace(base, scale=s))
                 return pooled(measured_per[s]) or {c: np.zeros(0) for c in detector.classes}
 
-            choice = choose_scale(measure, reference, max_scale=math.inf if detector.stride else 1.0)
+            if detector.stride:  # every canvas the engine can run at, each once
+                grid, refine = stride_grid(detector.imgsz, detector.stride), False
+                choice = choose_scale(measure, reference, grid, refine=False)
+            else:  # a fixed input: letterboxed smaller inside it, no magnification
+                grid, refine = tuple(s for s in COARSE_GRID if s <= 1.0), True
+                choice = choose_scale(measure, reference, grid, max_scale=1.0)
             scores = {str(s): v for s, v in choice.scores.items()}
-            params.update({"grid": [s for s in COARSE_GRID if detector.stride or s <= 1.0], "fine_step": FINE_STEP,
+            params.update({"grid": list(grid), "fine_step": FINE_STEP if refine else None,
                            "keep_one_margin": KEEP_ONE_MARGIN, "min_yield": MIN_YIELD,
                            "min_class_detections": MIN_CLASS_DETECTIONS})
             if choice.scale != 1.0:

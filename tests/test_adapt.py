@@ -257,6 +257,17 @@ def test_adapt_leaves_an_unshifted_site_unchanged_and_says_so(exported: dict[str
     assert adapted == OnnxDetector(exported["onnx"], providers="CPUExecutionProvider").scaling  # the base's
 
 
+def test_stride_grid_holds_every_canvas_once() -> None:
+    from pipeline.adapt import stride_grid
+
+    grid = stride_grid(416, 32)
+    assert grid[0] == round(7 * 32 / 416, 4) and grid[-1] == 2.0 and 1.0 in grid and len(grid) == 20
+    sq = np.zeros((256, 256, 3), np.uint8)
+    targets = [target_size(sq, 416, InputScaling(scale=s), fixed=False, stride=32) for s in grid]
+    assert targets == [32 * k for k in range(7, 27)]  # each stride multiple once, none skipped
+    assert stride_grid(64, 32) == (0.5, 1.0, 1.5, 2.0)
+
+
 def test_guard_keeps_one_unless_shifted_and_decisive() -> None:
     from pipeline.adapt import ScaleChoice, guarded_scale
 
