@@ -16,9 +16,10 @@ with the transfer-learning settings users already know (``train.strategy``, ``tr
   share no patient with the fine-tuning set. The card lists them.
 - **Training**: the family's own training run (``detflow train``'s code) from the source checkpoint (every tensor
   transfers: same classes), :data:`FEW_SHOT_STEPS` optimizer steps of ``min(train.batch, K)`` images (a budget in
-  steps, so K = 5 and K = 20 train equally long), no warm-up (the head is not new), the last weights (no model
-  selection on the K images it was fitted on). ``--with-scale`` first runs label-free ``adapt`` on SOURCE and trains
-  and runs the model at that input scale (``imgsz x scale``, rounded to the stride).
+  steps, so K = 5 and K = 20 train equally long; :data:`STEPS_PER_EPOCH` an epoch, the K images repeated to fill
+  it), no warm-up (the head is not new), the last weights (no model selection on the K images it was fitted on).
+  ``--with-scale`` first runs label-free ``adapt`` on SOURCE and trains and runs the model at that input scale
+  (``imgsz x scale``, rounded to the stride).
 - **Output**: an adapted model folder like label-free ``adapt``'s: the exported ``model.onnx`` (parity-checked), the
   card with ``adaptation.method: few_shot`` (K, the images, their fingerprint, the strategy, the class map, the
   base model), and a shift-test reference drawn from SOURCE's images through the fine-tuned model: the site it is
@@ -234,18 +235,27 @@ def images_fingerprint(digests: list[str]) -> str:
 # ------------------------------------------------------------------------------------------ the training set
 
 
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def write_training_set(site: LabelledSite, shots: list[dict], classes: list[str], source_images: list[Path],
-                       out: Path) -> dict[str, Any]:
+                       out: Path, repeats: int = 1) -> dict[str, Any]:
     """A prepared-dataset folder for the K images, in model classes (what ``detflow train`` and ``export`` read):
-    train = the K images, val = the K images (Ultralytics' required val set; nothing is selected on it), test = the
-    K images (export's PyTorch/ONNX parity), ``coco/val.json`` = SOURCE's images (unlabelled: the shift reference).
-    Returns ``prepare_info.json``."""
+    train = the K images, each ``repeats`` times under its own name (so an epoch is several optimizer steps: a
+    trainer's per-epoch work is paid once per ten steps, not once per step), val = the K images once
+    (Ultralytics' required val set; nothing is selected on it), test = the K images (export's PyTorch/ONNX parity),
+    ``coco/val.json`` = SOURCE's images (unlabelled: the shift reference). ``coco/train.json`` lists each image
+    once. Returns ``prepare_info.json``."""
     import csv
     import io
 
     import yaml
 
-    for sub in ("images/train", "labels/train", "coco"):
+    for sub in ("images/train", "labels/train", "images/val", "labels/val", "coco"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ann_of: dict[int, list[dict]] = {}
     for a in site.gt["annotations"]:
@@ -262,7 +272,14 @@ def write_training_set(site: LabelledSite, shots: list[dict], classes: list[str]
             lines.append(f"{a['category_id'] - 1} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} "
                          f"{bh / h:.6f}")
             annotations.append({**a, "id": len(annotations) + 1, "image_id": n})
-        (out / "labels" / "train" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        text = "\n".join(lines) + ("\n" if lines else "")
+        (out / "labels" / "train" / f"{Path(name).stem}.txt").write_text(text)
+        _link(out / "images" / "train" / name, out / "images" / "val" / name)
+        (out / "labels" / "val" / f"{Path(name).stem}.txt").write_text(text)
+        for r in range(1, repeats):
+            again = f"{n:04d}r{r:03d}_{Path(e['file_name']).name}"
+            _link(out / "images" / "train" / name, out / "images" / "train" / again)
+            (out / "labels" / "train" / f"{Path(again).stem}.txt").write_text(text)
         images.append({"id": n, "file_name": f"images/train/{name}", "width": w, "height": h,
                        "patient": e.get("patient")})
         rows.append([f"images/train/{name}", "train", e.get("patient"),
@@ -275,7 +292,7 @@ def write_training_set(site: LabelledSite, shots: list[dict], classes: list[str]
     reference = {"images": [{"id": i, "file_name": str(p.resolve())} for i, p in enumerate(source_images, start=1)],
                  "annotations": [], "categories": cats}
     (out / "coco" / "val.json").write_text(json.dumps(reference))
-    spec = {"train": "images/train", "val": "images/train", "nc": len(classes), "names": dict(enumerate(classes))}
+    spec = {"train": "images/train", "val": "images/val", "nc": len(classes), "names": dict(enumerate(classes))}
     (out / "dataset.yaml").write_text("# Written by `detflow adapt --labels` (few-shot): the K images.\n"
                                       + yaml.safe_dump(spec, sort_keys=False))
     manifest = io.StringIO()
@@ -290,12 +307,24 @@ def write_training_set(site: LabelledSite, shots: list[dict], classes: list[str]
     return info
 
 
+STEPS_PER_EPOCH = 10
+"""Optimizer steps per training epoch (the K images repeated to fill it): Ultralytics' per-epoch work (data loader,
+checkpoints) then costs once per ten steps; measured under load, an epoch of one 5-image step took 35 s."""
+CLOSE_MOSAIC_SHARE = 0.1
+"""Share of the epochs at the end trained without mosaic (Ultralytics' close_mosaic: 10 of its default 100)."""
+
+
 def training_plan(n_images: int, batch: int, steps: int = FEW_SHOT_STEPS) -> dict[str, int]:
-    """Batch, epochs and optimizer steps for ``n_images``: ``steps`` steps of ``min(batch, n)`` images."""
+    """Batch, repeats, epochs and optimizer steps for ``n_images``: ``steps`` steps of ``min(batch, n)`` images,
+    :data:`STEPS_PER_EPOCH` steps an epoch (each image repeated to fill it), the last :data:`CLOSE_MOSAIC_SHARE` of
+    the epochs without mosaic."""
     b = max(1, min(batch, n_images))
-    per_epoch = math.ceil(n_images / b)
+    per_epoch = min(STEPS_PER_EPOCH, steps)
+    repeats = max(1, math.ceil(per_epoch * b / n_images))
+    per_epoch = math.ceil(n_images * repeats / b)
     epochs = max(1, math.ceil(steps / per_epoch))
-    return {"batch": b, "epochs": epochs, "steps": epochs * per_epoch, "steps_per_epoch": per_epoch}
+    return {"batch": b, "repeats": repeats, "epochs": epochs, "steps": epochs * per_epoch,
+            "steps_per_epoch": per_epoch, "close_mosaic": int(math.floor(CLOSE_MOSAIC_SHARE * epochs))}
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -385,14 +414,14 @@ def few_shot_adapt(model: Path, source: Path, labels: Path, shots: int, out_dir:
                            "imgsz": imgsz, "rule": f"imgsz x input_scale rounded to the stride ({stride})",
                            "reason": label_free.get("reason")}
         prepared = work / "prepared"
-        write_training_set(site, picked, classes, [p for _, p in source_items], prepared)
-        plan = training_plan(sum(1 for _ in picked), params.train.batch, steps)
+        plan = training_plan(len(picked), params.train.batch, steps)
+        write_training_set(site, picked, classes, [p for _, p in source_items], prepared, repeats=plan["repeats"])
         tp = params.train.model_copy(update={
             "family": meta.family, "model": meta.model, "pretrained": str(ckpt_path.resolve()),
             "pretrained_sha256": ckpt_sha, "imgsz": imgsz, "epochs": plan["epochs"], "batch": plan["batch"],
             "nominal_batch": plan["batch"], "patience": 0, "resume": "never"})
         run_params = params.model_copy(update={"train": tp})
-        result = _train(run_params, prepared, work, progress)
+        result = _train(run_params, prepared, work, progress, close_mosaic=plan["close_mosaic"])
         exported = _export(run_params, result, prepared, work, card)
         new_card = json.loads((exported / "model_card.json").read_text())
         adaptation = {
@@ -427,14 +456,15 @@ def few_shot_adapt(model: Path, source: Path, labels: Path, shots: int, out_dir:
     return AdaptResult(out_dir, adaptation)
 
 
-def _train(params: Params, prepared: Path, work: Path, progress: bool) -> Any:
+def _train(params: Params, prepared: Path, work: Path, progress: bool, close_mosaic: int = 0) -> Any:
     """The family's training run on the K images (YOLO: no warm-up, no per-epoch validation)."""
     out, reports, runs = work / "train", work / "reports" / "train", work / "runs"
     if params.train.family == "yolo":
         from pipeline.families.yolo.train import train_yolo
 
         return train_yolo(params, prepared, out, reports, runs, progress=progress,
-                          ultralytics_args={"warmup_epochs": 0, "val": False})
+                          ultralytics_args={"warmup_epochs": 0, "val": False, "close_mosaic": close_mosaic,
+                                            "plots": False})
     from pipeline.train import train_model
 
     return train_model(params, prepared, out, reports, runs, progress=progress)

@@ -73,9 +73,15 @@ def test_shots_larger_than_the_labelled_set_fail() -> None:
 
 
 def test_training_plan_is_a_budget_in_steps() -> None:
-    assert training_plan(5, 16, 100) == {"batch": 5, "epochs": 100, "steps": 100, "steps_per_epoch": 1}
-    assert training_plan(20, 16, 100) == {"batch": 16, "epochs": 50, "steps": 100, "steps_per_epoch": 2}
-    assert training_plan(3, 16, 1)["epochs"] == 1
+    assert training_plan(5, 16, 100) == {"batch": 5, "repeats": 10, "epochs": 10, "steps": 100,
+                                         "steps_per_epoch": 10, "close_mosaic": 1}
+    assert training_plan(20, 16, 100) == {"batch": 16, "repeats": 8, "epochs": 10, "steps": 100,
+                                          "steps_per_epoch": 10, "close_mosaic": 1}
+    assert training_plan(3, 16, 1) == {"batch": 3, "repeats": 1, "epochs": 1, "steps": 1, "steps_per_epoch": 1,
+                                       "close_mosaic": 0}
+    for k in (5, 10, 20):
+        plan = training_plan(k, 16, 100)
+        assert plan["steps"] == 100 and plan["steps_per_epoch"] * plan["batch"] <= k * plan["repeats"]
     assert images_fingerprint(["b", "a"]) == images_fingerprint(["a", "b"])
 
 
