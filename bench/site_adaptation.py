@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     base = score(work, model, data, "source_model", args.overrides)
     rows.append({"k": None, "recipe": "source model, unadapted", **base})
-    cli(work, "adapt", str(args.site), "--model", str(model), "--out", "models/k0", *sets(args.overrides))
+    if not (args.reuse and (work / "models" / "k0" / "model_card.json").is_file()):
+        cli(work, "adapt", str(args.site), "--model", str(model), "--out", "models/k0", *sets(args.overrides))
     a0 = json.loads((work / "models" / "k0" / "model_card.json").read_text())["adaptation"]
     rows.append({"k": 0, "recipe": "label-free", **score(work, work / "models/k0/model.onnx", data, "k0",
                                                            args.overrides),
@@ -123,10 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for recipe in args.recipes:
         for k in sorted(args.shots):
             out = f"models/k{k}_{recipe}"
-            cli(work, "adapt", str(args.site), "--labels", str(args.labels), "--shots", str(k), *cmap,
-                "--model", str(model), *(["--checkpoint", str(ckpt)] if ckpt else []), "--out", out,
-                *(["--with-scale"] if args.with_scale else []),
-                *sets([*args.overrides, f"train.strategy={recipe}", *args.recipe_set]), "--quiet")
+            if args.reuse and (work / out / "model_card.json").is_file():
+                print(f"  reusing {work / out}", flush=True)
+            else:
+                cli(work, "adapt", str(args.site), "--labels", str(args.labels), "--shots", str(k), *cmap,
+                    "--model", str(model), *(["--checkpoint", str(ckpt)] if ckpt else []), "--out", out,
+                    *(["--with-scale"] if args.with_scale else []),
+                    *sets([*args.overrides, f"train.strategy={recipe}", *args.recipe_set]), "--quiet")
             card = json.loads((work / out / "model_card.json").read_text())["adaptation"]
             used = set(card["images"])
             assert used == set(facts["k_sets"][k]), f"K={k}: the command chose other images than the bench"
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-prepared", type=Path, default=None,
                     help="the source's prepared dataset: label-free adapt on its test split must not lower it")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: temporary)")
+    ap.add_argument("--reuse", action="store_true", help="reuse adapted models already in the work folder (the "
+                    "selection and training are deterministic); every row is scored again")
     ap.add_argument("--reports", type=Path, default=None, help="also write REPORTS/external/NAME/site_adaptation.json")
     ap.add_argument("--name", default="site", help="the external set's name in the run report")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "site_adaptation.json")
