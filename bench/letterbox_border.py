@@ -99,8 +99,8 @@ def predict_variant(detector: Any, rgbs: list[np.ndarray], box: Letterbox, conf:
 def load_set(params: Any, source: str, fmt: str, class_map: dict[str, str], classes: list[str]
              ) -> tuple[dict, list[np.ndarray], tempfile.TemporaryDirectory]:
     """A labelled set read exactly as `detflow evaluate --data` reads it (prepare into scratch, class map)."""
-    from pipeline.evaluate import _read_rgb
     from pipeline.evaluate.external import map_classes, read_external
+    from pipeline.evaluate.stage import _read_rgb
 
     scratch = tempfile.TemporaryDirectory(prefix="letterbox-border-")
     work = Path(scratch.name) / "prepared"
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                for k, v in res["placement"][-1].items() if isinstance(v, dict)))
     if "source" in parts and args.source:
         print("== source: the training site's own test split, letterboxed with and without a grey border")
-        from pipeline.evaluate import _read_rgb
+        from pipeline.evaluate.stage import _read_rgb
 
         sgt = json.loads((args.source / "coco" / "test.json").read_text())
         simgs = [_read_rgb(args.source / e["file_name"]) for e in sgt["images"]]

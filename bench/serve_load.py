@@ -177,7 +177,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def engine_throughput(model: Path, files: list[bytes], workers: int, ort_threads: int, seconds: float,
                       providers: str) -> dict[str, Any]:
     """decode + predict, one image per call, `workers` threads: what the service does minus HTTP."""
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
 
     det = OnnxDetector(model, providers=providers, threads=ort_threads)
     det.predict([det.decode(files[0]).rgb])  # warm-up

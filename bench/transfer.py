@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.fileio import atomic_write_json
-from pipeline.train import train_model
+from pipeline.train.stage import train_model
 
 
 def test_map50(best: Path, prepared: Path, imgsz: int) -> dict[str, float]:

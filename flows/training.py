@@ -3,8 +3,12 @@
 What one run does, in order (``training_pipeline``)::
 
     validate overrides -> params.yaml (temporarily) -> [dvc pull] -> fetch assets
-      -> dvc repro -s phantom | prepare | train | evaluate | export | infer | external   (one task each, DAG order)
+      -> dvc repro -s STAGE for every stage of dvc.yaml, in DAG order   (one task each)
       -> [dvc push] -> markdown report artifact -> register + promote in models/registry
+
+The flow lists nothing itself: the stages and the paths of the files it reads come from the checkout's dvc.yaml
+(:func:`pipeline.lineage.stage_order`, :func:`artifacts`), and the assets a run needs from its params
+(:func:`pipeline.config.named_assets`).
 
 Decisions
 ---------
@@ -69,26 +73,24 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from pipeline import assets, registry
-from pipeline.config import Params, load_params, parse_override
+from pipeline import assets, lineage, registry
+from pipeline.config import Params, load_params, named_assets, parse_override
 from pipeline.errors import AssetError, ConfigError, DetflowError
 from pipeline.evaluate.gate import GateFailed, gate_table
-from pipeline.families import get_family
 from pipeline.fileio import atomic_write_bytes, atomic_write_text
 
-# dvc.yaml's DAG, in topological order
-STAGES = ("phantom", "prepare", "train", "evaluate", "export", "infer", "external", "report")
-# Paths as dvc.yaml writes them (relative to the repository root).
-ARTIFACTS = {"onnx": "models/model.onnx", "card": "models/model_card.json", "metrics": "reports/metrics.json",
-             "gate": "reports/gate.json", "parity": "reports/parity.json"}
-GENERALISATION = "reports/generalisation.json"  # the external stage's table (optional in the report)
+# What the flow reads, as (stage, file name) among that stage's outputs in dvc.yaml; the paths come from dvc.yaml.
+ARTIFACT_FILES = {"onnx": ("export", "model.onnx"), "card": ("export", "model_card.json"),
+                  "metrics": ("evaluate", "metrics.json"), "gate": ("evaluate", "gate.json"),
+                  "parity": ("export", "parity.json"),
+                  "generalisation": ("external", "generalisation.json"),  # the external stage's table (optional)
+                  "report": ("report", "report.html")}  # `detflow report`: the one page a reviewer reads
 IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 5, 15]  # seconds before retry 1, 2, 3
 ENV_REMOTE = "DETFLOW_DVC_REMOTE"
 REMOTE_NAME = "detflow"
 PARAMS_BACKUP = ".detflow/params.yaml.flow-backup"
 REPORT_KEY = "detflow-training-report"
-HTML_REPORT = "reports/report.html"  # `detflow report`: the one page a reviewer reads
 
 
 COLD_START_TIMEOUT_S = 90  # first start measured 7-9 s on 2 shared cores; Prefect's own default (20 s) failed once
@@ -210,21 +212,22 @@ def temporary_params(repo: Path, overrides: list[str]) -> Iterator[Params]:
         (repo / PARAMS_BACKUP).unlink(missing_ok=True)
 
 
-def needed_assets(params: Params) -> list[tuple[str, bool]]:
-    """``(asset name, required)`` for the named assets these params use; optional ones may fail without harm.
+def stages(repo: Path) -> list[str]:
+    """The stages of the checkout's dvc.yaml, in the order the flow runs them (DAG order)."""
+    return lineage.stage_order(repo / "dvc.yaml")
 
-    ``data.source=bccd`` needs the BCCD set; a model with ``pretrained`` coco (required) or auto (optional) needs
-    its family's COCO asset when that asset's full sha256 is pinned. Other checkpoints are left to the train stage,
-    which resolves them through the same resolver (and refuses unverifiable ones without ``--trust``).
-    """
-    out: list[tuple[str, bool]] = []
-    if params.data.source == "bccd":
-        out.append(("bccd", True))
-    tp = params.train
-    name = get_family(tp.family).coco_assets.get(tp.model)
-    if tp.pretrained in ("coco", "auto") and name in assets.ASSETS and assets.ASSETS[name].pinned:
-        out.append((name, tp.pretrained == "coco"))
-    return out
+
+def artifacts(repo: Path) -> dict[str, Path]:
+    """``{key: path}`` of the files the flow reads (:data:`ARTIFACT_FILES`), as the checkout's dvc.yaml writes
+    them; a file dvc.yaml does not write is a :class:`ConfigError` naming it."""
+    outs = lineage.stage_outputs(repo / "dvc.yaml")
+    found = {}
+    for key, (stage, name) in ARTIFACT_FILES.items():
+        path = next((o for o in outs.get(stage, []) if Path(o).name == name), None)
+        if path is None:
+            raise ConfigError(f"{repo / 'dvc.yaml'}: stage {stage!r} writes no {name}, which the flow reads")
+        found[key] = repo / path
+    return found
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -266,14 +269,15 @@ def stage_status(stage: str, output: str) -> str:
 
 def stage_failure(stage: str, repo: Path, started: float, code: int, output: str) -> DetflowError:
     """The error for a failed stage: :class:`GateFailed` with the gate table when the evaluate gate said no."""
-    gate_path = repo / ARTIFACTS["gate"]
-    if stage == "evaluate" and gate_path.is_file() and gate_path.stat().st_mtime >= started - 1:
+    files = artifacts(repo)
+    gate_path = files["gate"]
+    if stage == ARTIFACT_FILES["gate"][0] and gate_path.is_file() and gate_path.stat().st_mtime >= started - 1:
         gate = json.loads(gate_path.read_text())
         if gate.get("passed") is False:
             return GateFailed("evaluation gate failed; the model was not exported, registered or promoted:\n"
                               + gate_table(gate))
-    gen_path = repo / GENERALISATION
-    if stage == "external" and gen_path.is_file() and gen_path.stat().st_mtime >= started - 1:
+    gen_path = files["generalisation"]
+    if stage == ARTIFACT_FILES["generalisation"][0] and gen_path.is_file() and gen_path.stat().st_mtime >= started - 1:
         gate = json.loads(gen_path.read_text()).get("gate") or {}
         if gate.get("passed") is False:
             return GateFailed("external evaluation gate failed; the model was not registered or promoted:\n"
@@ -302,7 +306,9 @@ def configure_remote(repo: Path, remote: str | None, push: bool) -> str | None:
 
 
 def read_artifacts(repo: Path) -> dict[str, Any]:
-    return {key: json.loads((repo / rel).read_text()) for key, rel in ARTIFACTS.items() if rel.endswith(".json")}
+    """The JSON files the run report shows (metrics, gate, parity, card)."""
+    return {key: json.loads(path.read_text()) for key, path in artifacts(repo).items()
+            if key in ("card", "metrics", "gate", "parity")}
 
 
 def _cell(value: Any) -> str:
@@ -384,11 +390,13 @@ def dvc_stage(stage: str, repo: str) -> dict[str, Any]:
 @task(name="report", cache_policy=NO_CACHE)
 def publish_report(repo: str) -> str:
     """Markdown artifact with metrics, gate checks, parity and the model card summary."""
-    docs = read_artifacts(Path(repo))
+    root = Path(repo)
+    docs, files = read_artifacts(root), artifacts(root)
     markdown = registry.summary_markdown(docs["metrics"], docs["gate"], docs["parity"], docs["card"])
-    markdown += external_markdown(Path(repo) / GENERALISATION)
-    if (Path(repo) / HTML_REPORT).is_file():
-        markdown += f"\n\nThe whole run on one page: [{HTML_REPORT}]({(Path(repo) / HTML_REPORT).resolve().as_uri()})\n"
+    markdown += external_markdown(files["generalisation"])
+    page = files["report"]
+    if page.is_file():
+        markdown += f"\n\nThe whole run on one page: [{page.relative_to(root)}]({page.resolve().as_uri()})\n"
     create_markdown_artifact(markdown=markdown, key=REPORT_KEY, description="detflow training run: metrics, gate, "
                              "parity, model card")
     return markdown
@@ -398,21 +406,24 @@ def publish_report(repo: str) -> str:
 def failed_gate_report(repo: str) -> str | None:
     """After a failed gate DVC stops before the report stage: write the page anyway (verdict FAIL, failed checks)."""
     root = Path(repo)
-    code, out = run_logged([sys.executable, "-m", "pipeline.cli", "report", "--out", HTML_REPORT], root)
+    page = artifacts(root)["report"]
+    code, out = run_logged([sys.executable, "-m", "pipeline.cli", "report", "--out", str(page.relative_to(root))],
+                           root)
     if code != 0:
         _logger().warning("the run report could not be written after the failed gate: %s", out.strip()[-300:])
         return None
-    create_markdown_artifact(markdown=f"Gate FAILED. The whole run on one page: [{HTML_REPORT}]"
-                             f"({(root / HTML_REPORT).resolve().as_uri()})", key=REPORT_KEY,
+    create_markdown_artifact(markdown=f"Gate FAILED. The whole run on one page: [{page.relative_to(root)}]"
+                             f"({page.resolve().as_uri()})", key=REPORT_KEY,
                              description="detflow training run: failed gate")
-    return str(root / HTML_REPORT)
+    return str(page)
 
 
 @task(name="register-promote", cache_policy=NO_CACHE)
 def register_and_promote(repo: str, registry_root: str) -> dict[str, Any]:
     """Register the exported model as v<N> and promote it (skipped when it is already the champion)."""
     root = Path(repo)
-    result = registry.publish(*(root / ARTIFACTS[k] for k in ("onnx", "card", "metrics", "gate", "parity")),
+    files = artifacts(root)
+    result = registry.publish(*(files[k] for k in ("onnx", "card", "metrics", "gate", "parity")),
                               root=registry_root, source=root, reason=f"training flow run {_flow_run_id()}")
     _logger().info(result.message)
     return {"version": result.version, "registered": result.registered, "promoted": result.promoted,
@@ -428,7 +439,7 @@ def _flow_run_id() -> str | None:
 def fetch_assets(params: Params, repo: Path) -> dict[str, str]:
     """Resolve the assets the params need; an optional one (pretrained=auto) that fails is logged, not fatal."""
     out: dict[str, str] = {}
-    for name, required in needed_assets(params):
+    for name, required in named_assets(params):
         path = asset_fetch(name, str(repo), required)  # a required one that fails raises: the flow fails here
         out[name] = path if path is not None else "unavailable"
     return out
@@ -464,7 +475,7 @@ def training_pipeline(overrides: dict[str, Any] | list[str] | None = None, push:
             dvc_pull(str(root), remote_name)
         fetched = fetch_assets(params, root)
         try:
-            stages = {stage: dvc_stage(stage, str(root)) for stage in STAGES}
+            ran = {stage: dvc_stage(stage, str(root)) for stage in stages(root)}
         except GateFailed:
             failed_gate_report(str(root))
             raise
@@ -473,7 +484,7 @@ def training_pipeline(overrides: dict[str, Any] | list[str] | None = None, push:
     publish_report(str(root))
     promoted = register_and_promote(str(root), str(models))
     champion = registry.champion(models) or {}
-    return {"stages": stages, "assets": fetched, "champion": champion.get("version"), **promoted,
+    return {"stages": ran, "assets": fetched, "champion": champion.get("version"), **promoted,
             "remote": remote_name, "pushed": bool(push and remote_name), "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -368,8 +368,10 @@ def _companions(card: dict[str, Any]) -> list[str]:
 def _publish(model: Path, card: dict[str, Any], out_dir: Path) -> None:
     """``model.onnx`` (hard link, else copy), the files the card names beside it, and the adapted card, replaced
     together."""
+    from pipeline.contracts.card import validate_card
     from pipeline.fileio import atomic_outputs
 
+    validate_card(card, "the adapted model card")  # the one schema the engine reads
     sources = [model, *(model.parent / n for n in _companions(card) if (model.parent / n).is_file())]
     targets = [out_dir / "model.onnx", *(out_dir / s.name for s in sources[1:]), out_dir / "model_card.json"]
     with atomic_outputs(*targets) as staged:

@@ -159,8 +159,9 @@ ASSETS: dict[str, Asset] = {
 
 
 def _torchvision_coco(model: str, file_name: str, params_m: float, box_map: float) -> Asset:
-    """torchvision's COCO_V1 weights of a Faster R-CNN: the URL of ``weights.url``; the file name carries the first
-    hex digits of its sha256 (torch.hub's check), the full hash is not published and not pinned here."""
+    """torchvision's COCO_V1 weights of a detection model (a row of pipeline/families/torchvision/models.py): the
+    URL of ``weights.url``; the file name carries the first hex digits of its sha256 (torch.hub's check), the full
+    hash is not published and not pinned here."""
     return Asset(
         name=f"{model}-coco",
         kind="file",
@@ -170,7 +171,7 @@ def _torchvision_coco(model: str, file_name: str, params_m: float, box_map: floa
         license="BSD-3-Clause",
         mirror_path=f"weights/{file_name}",
         description=(f"torchvision {model} COCO_V1 state dict ({params_m} M parameters, COCO box mAP {box_map}); "
-                     "read with torch.load(weights_only=True); the 91-class box predictor does not transfer"),
+                     "read with torch.load(weights_only=True); the 91-class layers do not transfer"),
     )
 
 
@@ -197,6 +198,9 @@ ASSETS.update({a.name: a for a in (
     _torchvision_coco("fasterrcnn_mobilenet_v3_large_320_fpn",
                       "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth", 19.4, 22.8),
     _torchvision_coco("fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth", 43.7, 46.7),
+    _torchvision_coco("retinanet_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2_coco-5905b1c5.pth", 38.2, 41.5),
+    _torchvision_coco("ssdlite320_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth", 3.4,
+                      21.3),
 )})
 
 

@@ -137,8 +137,8 @@ def read_labelled_site(params: Params, source: Path, labels: Path, fmt: str, cla
                        classes: list[str], work: Path) -> LabelledSite:
     """Read ``labels`` (any supported format) into model classes and check them against SOURCE (module docstring)."""
     from pipeline.data.readers import FORMATS
-    from pipeline.evaluate import _read_rgb
     from pipeline.evaluate.external import map_classes, read_external
+    from pipeline.evaluate.stage import _read_rgb
 
     if fmt != "auto" and fmt not in FORMATS:
         raise FewShotError(f"unknown --format {fmt!r}; expected one of: auto, {', '.join(FORMATS)}")
@@ -334,7 +334,7 @@ def _checkpoint(card: dict[str, Any], checkpoint: Path | None, card_path: Path) 
     """The source model's checkpoint (``--checkpoint``, else the one the card names), checked against the card."""
     import torch
 
-    from pipeline.families.base import CheckpointMeta
+    from pipeline.contracts.checkpoint import CheckpointMeta
     from pipeline.fileio import sha256_file
     from pipeline.ultralytics_env import configure_environment
 
@@ -457,17 +457,13 @@ def few_shot_adapt(model: Path, source: Path, labels: Path, shots: int, out_dir:
 
 
 def _train(params: Params, prepared: Path, work: Path, progress: bool, close_mosaic: int = 0) -> Any:
-    """The family's training run on the K images (YOLO: no warm-up, no per-epoch validation)."""
-    out, reports, runs = work / "train", work / "reports" / "train", work / "runs"
-    if params.train.family == "yolo":
-        from pipeline.families.yolo.train import train_yolo
+    """The family's short training run on the K images (its backend's ``train_few_shot``: YOLO without warm-up or
+    per-epoch validation, the last ``close_mosaic`` epochs without mosaic)."""
+    from pipeline.families.backends import backend_of
 
-        return train_yolo(params, prepared, out, reports, runs, progress=progress,
-                          ultralytics_args={"warmup_epochs": 0, "val": False, "close_mosaic": close_mosaic,
-                                            "plots": False})
-    from pipeline.train import train_model
-
-    return train_model(params, prepared, out, reports, runs, progress=progress)
+    return backend_of(params.train.family).train_few_shot(params, prepared, work / "train", work / "reports" / "train",
+                                                          work / "runs", progress=progress,
+                                                          plain_last_epochs=close_mosaic)
 
 
 def _export(params: Params, result: Any, prepared: Path, work: Path, source_card: dict[str, Any]) -> Path:
@@ -532,8 +528,10 @@ def _site_reference(models: Path, prepared: Path) -> None:
 
 def _publish_folder(exported: Path, card: dict[str, Any], out_dir: Path) -> None:
     """The exported folder's files and the adapted card, replaced together in ``out_dir``."""
+    from pipeline.contracts.card import validate_card
     from pipeline.fileio import atomic_outputs
 
+    validate_card(card, "the few-shot adapted model card")  # the one schema the engine reads
     files = sorted(p for p in exported.iterdir() if p.is_file() and p.name != "model_card.json"
                    and not p.name.startswith("."))
     targets = [out_dir / p.name for p in files] + [out_dir / "model_card.json"]

@@ -4,23 +4,28 @@ Hand-listed deps drift: a stage imports a new module and DVC no longer reruns it
 the module part of every stage's deps is computed from the source, statically (``ast``, nothing is imported):
 
 * the entry of stage S is the ``detflow`` command named in S's ``cmd`` (``detflow infer ...`` -> the function
-  registered as ``infer`` in ``pipeline/cli.py``), plus the ``pipeline/cli.py`` helpers it calls and the
-  module-level imports of ``pipeline/cli.py`` (they run before any command; of those, only what runs at import
-  time is followed, since no stage calls their functions);
+  registered as ``infer`` in the sub-app of the ``pipeline/cli/`` package that holds it), plus the
+  ``pipeline/cli/`` helpers it calls and the module-level imports of its sub-app, of the ``pipeline/cli/``
+  modules that sub-app imports and of ``pipeline/cli/__init__.py`` (they run before any command; of those, only
+  what runs at import time is followed, since no stage calls their functions). The other sub-apps are imported by
+  ``pipeline/cli/__init__.py`` only to register their commands, so their imports are not followed: editing the
+  serve sub-app's options never reruns a stage;
 * the closure follows every ``pipeline.*`` import, at module level and inside functions (lazy imports still run
   when the stage needs them), ``from pipeline.x import y`` where ``y`` is a submodule, and the ``__init__.py`` of
   every package on the way (importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py``). Imports under
   ``if TYPE_CHECKING:`` never run and are not followed. Dynamic imports (``importlib``) are not seen: don't use
-  them for pipeline modules.
+  them for pipeline modules. The one exception is a convention this module knows (:data:`CONVENTIONS`):
+  ``pipeline.families.backends`` imports the ``backend`` module of every family package that
+  ``pipeline/families/__init__.py`` registers (the spec must not import its backend; see that module).
 
 Decisions
 ---------
 * ``pipeline/config.py`` is a dep of every stage: it turns params.yaml into values (defaults, validation,
   ``model: auto``), so a change there can change what a stage computes. ``pipeline/errors.py`` is in every
   closure too (error text and the summary line can end up in reports).
-* ``pipeline/cli.py`` is **not** a dep: one file holds every command (serve, registry, assets, ...), so listing
-  it would rerun training for an edit of an unrelated command. Its stage functions only parse options, whose
-  values DVC already tracks in ``cmd``, call the library and print a line. Keep decisions out of it.
+* ``pipeline/cli/`` is **not** a dep: its commands only parse options, whose values DVC already tracks in
+  ``cmd``, call the library and print a line, and one package holds every command (serve, registry, assets,
+  ...), so listing it would rerun training for an edit of an unrelated command. Keep decisions out of it.
 * Data files a stage reads are declared in :data:`DATA_INPUTS` (found by reading each stage's code) and checked
   like modules. Inputs that are deliberately *not* DVC deps are listed in :data:`NOT_DEPS` with the reason.
 
@@ -48,10 +53,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "pipeline"
-CLI_MODULE = "pipeline.cli"
+CLI_PACKAGE = "pipeline.cli"
 ENTRY_PROGRAM = "detflow"
 # Files never listed as a stage dep (see "Decisions" above).
-EXCLUDED = frozenset({"pipeline/cli.py"})
+EXCLUDED_PREFIX = "pipeline/cli/"
 
 # Files and folders each stage reads besides code and params, in the order they are written in dvc.yaml.
 # Found by reading the stage's code; keep it in step when a stage starts reading something new.
@@ -75,7 +80,7 @@ DATA_INPUTS: dict[str, tuple[str, ...]] = {
     # `detflow report`: every result it shows (the run's params come from models/train/params.yaml)
     "report": ("data/prepared", "reports/data_validation.json", "models/train", "reports/train/transfer.json",
                "reports/train/summary.json", "reports/train/results.csv", "reports/metrics.json", "reports/gate.json",
-               "reports/eval/predictions.json", "reports/plots/pr", "reports/plots/confusion.json",
+               "reports/eval/statistics.json", "reports/plots/pr", "reports/plots/confusion.json",
                "models/model.onnx", "models/model_card.json", "reports/parity.json", "reports/shift.json",
                "reports/external", "reports/generalisation.json"),
 }
@@ -111,7 +116,7 @@ NOT_DEPS: dict[str, dict[str, str]] = {
 
 
 class LineageError(Exception):
-    """dvc.yaml or pipeline/cli.py cannot be read as this module expects (the message says where)."""
+    """dvc.yaml or pipeline/cli/ cannot be read as this module expects (the message says where)."""
 
 
 # --- import closure ------------------------------------------------------------------------------------------
@@ -134,16 +139,18 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _walk_runtime(nodes: Iterable[ast.AST], at_import: bool = False) -> Iterable[ast.AST]:
-    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run), and with
-    ``at_import`` the bodies of functions too (what runs when the module is imported, not when it is used)."""
+def _walk_runtime(nodes: Iterable[ast.AST], at_import: bool = False,
+                  type_checking: bool = False) -> Iterable[ast.AST]:
+    """Every node below ``nodes`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` does run; with
+    ``type_checking`` those bodies too), and with ``at_import`` the bodies of functions too (what runs when the
+    module is imported, not when it is used)."""
     stack = list(nodes)[::-1]
     while stack:
         node = stack.pop()
         yield node
         if at_import and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             continue
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_checking:
             children: list[ast.AST] = [node.test, *node.orelse]
         else:
             children = list(ast.iter_child_nodes(node))
@@ -155,10 +162,11 @@ def _package_of(module: str, path: Path) -> str:
 
 
 def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Path = REPO,
-                     at_import: bool = False) -> set[str]:
-    """Names of the ``pipeline`` modules the statements import (submodules named in ``from x import y`` too)."""
+                     at_import: bool = False, type_checking: bool = False) -> set[str]:
+    """Names of the ``pipeline`` modules the statements import (submodules named in ``from x import y`` too);
+    ``type_checking``: the imports under ``if TYPE_CHECKING:`` too (what a type checker, and the layer test, see)."""
     found: set[str] = set()
-    for node in _walk_runtime(nodes, at_import):
+    for node in _walk_runtime(nodes, at_import, type_checking):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -172,6 +180,35 @@ def imported_modules(nodes: Iterable[ast.AST], module: str, path: Path, root: Pa
             found.update(f"{base}.{alias.name}" for alias in node.names
                          if module_file(f"{base}.{alias.name}", root) is not None)
     return {m for m in found if module_file(m, root) is not None}
+
+
+def family_backends(root: Path = REPO) -> set[str]:
+    """``pipeline.families.<name>.backend`` of every family package ``pipeline/families/__init__.py`` imports."""
+    registry = root / "pipeline" / "families" / "__init__.py"
+    if not registry.is_file():
+        return set()
+    tree = ast.parse(registry.read_text(), filename=str(registry))
+    packages = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+                and node.module.startswith("pipeline.families.")
+                and (root.joinpath(*node.module.split(".")) / "__init__.py").is_file()}
+    return {f"{p}.backend" for p in packages if module_file(f"{p}.backend", root) is not None}
+
+
+#: Imports made by name that the static analysis cannot see, by module: what it imports (see the docstring).
+CONVENTIONS = {"pipeline.families.backends": family_backends}
+
+
+def module_imports(name: str, root: Path = REPO, at_import: bool = False) -> set[str]:
+    """The ``pipeline`` modules module ``name`` imports (:func:`imported_modules` of its file, plus
+    :data:`CONVENTIONS`); with ``at_import`` only those that run when it is imported."""
+    path = module_file(name, root)
+    if path is None:
+        return set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = imported_modules(tree.body, name, path, root, at_import)
+    if name in CONVENTIONS and not at_import:
+        found |= CONVENTIONS[name](root)
+    return found
 
 
 def _with_parents(module: str) -> set[str]:
@@ -188,17 +225,15 @@ def import_closure(start: set[str], root: Path = REPO, at_import: bool = False) 
         name = todo.pop()
         if name in seen:
             continue
-        path = module_file(name, root)
-        if path is None:
+        if module_file(name, root) is None:
             continue
         seen.add(name)
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for imported in imported_modules(tree.body, name, path, root, at_import):
+        for imported in module_imports(name, root, at_import):
             todo.extend(_with_parents(imported) - seen)
     return seen
 
 
-# --- stage entry points in pipeline/cli.py ---------------------------------------------------------------------
+# --- stage entry points in pipeline/cli/ ----------------------------------------------------------------------
 
 
 def _command_name(func: ast.FunctionDef) -> str | None:
@@ -217,29 +252,67 @@ def _command_name(func: ast.FunctionDef) -> str | None:
     return None
 
 
+@dataclass
+class _Cli:
+    """The ``pipeline/cli/`` package as the lineage needs it."""
+
+    trees: dict[str, ast.Module]  # module -> parsed source
+    paths: dict[str, Path]
+    top_level: list[str]  # sub-apps added without a name: their commands are `detflow COMMAND`
+
+
+def _cli(root: Path) -> _Cli:
+    folder = root / "pipeline" / "cli"
+    if not (folder / "__init__.py").is_file():
+        raise LineageError(f"no {folder}/__init__.py: the `{ENTRY_PROGRAM}` commands live in the pipeline/cli package")
+    paths = {CLI_PACKAGE if p.name == "__init__.py" else f"{CLI_PACKAGE}.{p.stem}": p
+             for p in sorted(folder.glob("*.py")) if p.name != "__main__.py"}
+    trees = {m: ast.parse(p.read_text(), filename=str(p)) for m, p in paths.items()}
+    top_level = []
+    for node in ast.walk(trees[CLI_PACKAGE]):  # app.add_typer(<module>.app) without name=...
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_typer" \
+                and not any(kw.arg == "name" for kw in node.keywords) and node.args \
+                and isinstance(node.args[0], ast.Attribute) and isinstance(node.args[0].value, ast.Name):
+            top_level.append(f"{CLI_PACKAGE}.{node.args[0].value.id}")
+    return _Cli(trees, paths, top_level)
+
+
 def entry_modules(command: str, root: Path = REPO) -> tuple[set[str], set[str]]:
-    """Modules the ``detflow COMMAND`` entry imports directly: (cli's module level, its body and the cli helpers it
-    calls). Of the first only what runs at import counts: cli imports e.g. ``pipeline.serve.entry`` to register
-    ``detflow serve``, whose functions no stage calls."""
-    path = root / "pipeline" / "cli.py"
-    tree = ast.parse(path.read_text(), filename=str(path))
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    commands = {_command_name(f): f for f in funcs.values() if _command_name(f)}
+    """Modules the ``detflow COMMAND`` entry imports directly: (what runs when it loads: the module-level imports
+    of the package ``__init__``, of the sub-app defining the command and of the cli modules it imports; what its
+    body and the cli helpers it calls import). Of the first only what runs at import counts: the serve sub-app
+    imports e.g. ``pipeline.serve.entry``, whose functions no stage calls."""
+    cli = _cli(root)
+    commands = {_command_name(f): (m, f) for m in cli.top_level if m in cli.trees
+                for f in cli.trees[m].body if isinstance(f, ast.FunctionDef) and _command_name(f)}
     if command not in commands:
-        raise LineageError(f"no `{ENTRY_PROGRAM} {command}` command in {path} "
+        raise LineageError(f"no `{ENTRY_PROGRAM} {command}` command in {root / 'pipeline' / 'cli'} "
                            f"(commands: {', '.join(sorted(commands))})")
-    module_level = [n for n in tree.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
-    at_load = imported_modules(module_level, CLI_MODULE, path, root)
-    found: set[str] = set()
-    todo, done = [commands[command]], set()
+    home, entry = commands[command]
+
+    def module_level(m: str) -> set[str]:
+        nodes = [n for n in cli.trees[m].body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef
+                                                                   | ast.ClassDef)]
+        return imported_modules(nodes, m, cli.paths[m], root)
+
+    loaded, todo = set(), [home]  # the sub-app and the cli modules it imports (not its siblings)
     while todo:
-        func = todo.pop()
+        m = todo.pop()
+        if m not in loaded:
+            loaded.add(m)
+            todo += [i for i in module_level(m) if i in cli.trees and i != CLI_PACKAGE]
+    at_load = {i for m in {CLI_PACKAGE, *loaded} for i in module_level(m) if i not in cli.trees}
+    funcs = {f.name: (m, f) for m in loaded for f in cli.trees[m].body if isinstance(f, ast.FunctionDef)}
+    found: set[str] = set()
+    stack, done = [(home, entry)], set()
+    while stack:
+        m, func = stack.pop()
         if func.name in done:
             continue
         done.add(func.name)
-        found |= imported_modules(func.body, CLI_MODULE, path, root)
+        found |= {i for i in imported_modules(func.body, m, cli.paths[m], root) if i not in cli.trees}
         called = {n.func.id for n in ast.walk(func) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-        todo.extend(funcs[name] for name in called if name in funcs and name not in done)
+        stack += [funcs[name] for name in called if name in funcs and name not in done]
     return at_load, found
 
 
@@ -254,11 +327,12 @@ def stage_command(cmd: Any) -> str | None:
 
 
 def module_deps(command: str, root: Path = REPO) -> list[str]:
-    """Source files (repository-relative, sorted) a ``detflow COMMAND`` run can execute, minus :data:`EXCLUDED`."""
+    """Source files (repository-relative, sorted) a ``detflow COMMAND`` run can execute, ``pipeline/cli/`` left
+    out (see the module docstring)."""
     at_load, called = entry_modules(command, root)
     modules = import_closure(at_load, root, at_import=True) | import_closure(called, root)
     files = {module_file(m, root).relative_to(root).as_posix() for m in modules}
-    return sorted(files - EXCLUDED)
+    return sorted(f for f in files if not f.startswith(EXCLUDED_PREFIX))
 
 
 def expected_deps(stage: str, command: str, root: Path = REPO) -> list[str]:
@@ -291,6 +365,43 @@ def _stages(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _dep_path(dep: Any) -> str:
     return next(iter(dep)) if isinstance(dep, dict) else str(dep)
+
+
+def _out_paths(spec: dict[str, Any]) -> list[str]:
+    """Every path a stage writes: ``outs``, ``metrics`` and ``plots`` entries (a string or a one-key mapping)."""
+    return [_dep_path(o) for key in ("outs", "metrics", "plots") for o in (spec or {}).get(key) or []]
+
+
+def stage_outputs(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, list[str]]:
+    """``{stage: the paths it writes}``, in dvc.yaml's order."""
+    return {stage: _out_paths(spec) for stage, spec in _stages(yaml.safe_load(dvc_yaml.read_text())).items()}
+
+
+def stage_order(dvc_yaml: Path = REPO / "dvc.yaml") -> list[str]:
+    """The stages of dvc.yaml in an order DVC can run them: a stage after every stage whose output it depends on
+    (a dep equal to, inside or above an output), ties in the order dvc.yaml writes them. What the Prefect flow
+    runs, one task per stage; a cycle is a :class:`LineageError`."""
+    from graphlib import CycleError, TopologicalSorter
+
+    stages = _stages(yaml.safe_load(dvc_yaml.read_text()))
+    outs = {stage: _out_paths(spec) for stage, spec in stages.items()}
+
+    def feeds(out: str, dep: str) -> bool:
+        return out == dep or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
+
+    graph = {stage: {other for other in stages if other != stage for dep in (spec or {}).get("deps") or []
+                     if any(feeds(o, _dep_path(dep)) for o in outs[other])} for stage, spec in stages.items()}
+    sorter = TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except CycleError as e:
+        raise LineageError(f"dvc.yaml's stages form a cycle: {' -> '.join(e.args[1])}") from None
+    order, position = [], {stage: i for i, stage in enumerate(stages)}
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=position.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return order
 
 
 def expected_all(dvc_yaml: Path, root: Path = REPO) -> dict[str, list[str]]:

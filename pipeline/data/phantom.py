@@ -34,9 +34,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
-from pipeline.config import PhantomParams
 from pipeline.errors import ConfigError
 from pipeline.fileio import atomic_directory, atomic_write_text
+from pipeline.params import PhantomParams
 
 BOXES_HEADER = "file,sop_instance_uid,x_min,y_min,x_max,y_max,label"
 LABEL = "nodule"

@@ -19,7 +19,6 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from pipeline.config import Params
 from pipeline.data.dedupe import canonicalise
 from pipeline.data.imaging import ImageLoadError, LoadedImage, encode_png, load_any, orient_boxes
 from pipeline.data.readers import ReadResult, read_dataset
@@ -28,6 +27,7 @@ from pipeline.data.split import SPLITS, assert_no_leakage, pseudonymise, split_b
 from pipeline.data.validate import validate_boxes
 from pipeline.errors import DataError
 from pipeline.fileio import atomic_outputs, atomic_write_json, recover_outputs
+from pipeline.params import BaseParams as Params
 
 # Known sources: where they come from, their format and their class order (the model's class indices).
 BUILTIN_SOURCES = {

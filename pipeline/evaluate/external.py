@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.config import ExternalSetParams, Params
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluate import Scorer, compute_metrics, load_scorer, score_coco
+from pipeline.evaluate.stage import EvaluationResult, Scorer, compute_metrics, load_scorer, score_coco
 from pipeline.fileio import atomic_write_json
 
 SPLITS = ("train", "val", "test")
@@ -319,3 +319,21 @@ def evaluate_dataset(params: Params, model_path: Path, ext: ExternalSetParams, r
     if not gate["passed"]:
         raise GateFailed(f"external set {ext.name!r} fails the gate:\n" + gate_table(gate, only_failed=True))
     return GeneralisationResult(table, {ext.name: metrics}, gate, time.perf_counter() - start)
+
+
+def run_evaluate(params: Params, model_path: Path, data: Path, reports: Path, *, external: bool = False,
+                 fmt: str = "auto", class_map: str | None = None, name: str | None = None,
+                 raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None,
+                 progress: bool = True) -> EvaluationResult | GeneralisationResult:
+    """What ``detflow evaluate`` runs: the internal evaluation (a prepared dataset: ``evaluate.split`` scored, the
+    gate applied), or external evaluation: every set of params ``external`` (``external``), or ``data`` scored
+    whole as one set when it is not a prepared dataset or any external option is given."""
+    from pipeline.evaluate.stage import evaluate_model, is_prepared
+
+    if external:
+        return evaluate_external_sets(params, model_path, reports, raw_dir=raw_dir, mirrors=mirrors, progress=progress)
+    if fmt != "auto" or class_map is not None or name is not None \
+            or (data.exists() and not is_prepared(data, params.evaluate.split)):
+        ext = external_set(name or default_set_name(data), str(data), fmt, class_map)
+        return evaluate_dataset(params, model_path, ext, reports, raw_dir=raw_dir, mirrors=mirrors, progress=progress)
+    return evaluate_model(params, model_path, data, reports, progress=progress)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import GateParams
 from pipeline.errors import DetflowError
+from pipeline.params import GateParams
 
 
 class GateFailed(DetflowError):

@@ -1,8 +1,11 @@
-"""Detection metrics: COCO mAP (pycocotools), FROC with CPM, patient bootstrap, P/R/F1, confusion matrix.
+"""Detection metrics, every statistic detflow reports: COCO mAP (pycocotools), FROC with CPM, the patient
+bootstrap (mAP50, CPM, per-class AP50 intervals and the FROC band, in one pass), P/R/F1, confusion matrix, and the
+worst cases (missed lesions, confident false positives).
 
 COCO numbers come from pycocotools itself. FROC and the bootstrap have no maintained library with the
 semantics medical detection needs (one hit per lesion, FP per image over all images, patient resampling), so
-they are written here, on top of per-image matches computed once.
+they are written here, on top of per-image matches computed once. The evaluate stage writes them
+(``reports/metrics.json``, ``reports/eval/statistics.json``); the report only reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.matching import greedy_match
+from pipeline.matching import greedy_match, pairwise_iou
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -184,9 +187,19 @@ def map50_from_matches(per_image: Sequence[_ImageAP], n_classes: int) -> float:
     return float(np.mean(aps)) if aps else float("nan")
 
 
-def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n_resamples: int = 1000,
-                 seed: int = 0, fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, list[float]]:
-    """95% percentile intervals for mAP50 and CPM, resampling *patients* with replacement.
+def _interval(values: Sequence[float]) -> list[float] | None:
+    """The 95 % percentile interval of the finite values (rounded to 4 places); None when there are none."""
+    a = np.asarray(values, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    return [round(float(np.percentile(a, 2.5)), 4), round(float(np.percentile(a, 97.5)), 4)] if a.size else None
+
+
+def patient_bootstrap(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n_resamples: int = 1000,
+                      seed: int = 0, fp_rates: Sequence[float] = FROC_FP_RATES) -> dict:
+    """95 % percentile intervals, resampling *patients* with replacement, in one pass over the same draws: mAP50
+    and CPM (``map50``, ``cpm``: ``[nan, nan]`` when no resample has a value), AP50 per class (``per_class_ap50``,
+    None for a class without ground truth in every resample) and the FROC band at ``fp_rates``
+    (``froc_low``/``froc_high``).
 
     Images of one patient are correlated; resampling them as a unit keeps the interval honest.
     """
@@ -195,21 +208,80 @@ def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n
     by_patient = {p: [i for i, im in enumerate(images) if im.patient == p] for p in patients}
     ap_matches = [_coco_style_matches(im, n_classes) for im in images]
     froc_parts = [_froc_hits(im, froc_iou) for im in images]
-    maps, cpms = [], []
+    maps, cpms, sens = [], [], []
+    per_class: list[list[float]] = [[] for _ in range(n_classes)]
     for _ in range(n_resamples):
         chosen = rng.integers(0, len(patients), len(patients))
         idx = [i for k in chosen for i in by_patient[patients[k]]]
-        maps.append(map50_from_matches([ap_matches[i] for i in idx], n_classes))
-        cpms.append(_froc_from_arrays(*_pooled([froc_parts[i] for i in idx]), fp_rates).cpm)
+        parts = [ap_matches[i] for i in idx]
+        aps = []
+        for c in range(n_classes):
+            n_gt = sum(m.n_gt[c] for m in parts)
+            if n_gt:
+                ap = _coco_ap(np.concatenate([m.scores[c] for m in parts]),
+                              np.concatenate([m.tps[c] for m in parts]), n_gt)
+                per_class[c].append(ap)
+                aps.append(ap)
+        maps.append(float(np.mean(aps)) if aps else float("nan"))  # = map50_from_matches(parts, n_classes)
+        curve = _froc_from_arrays(*_pooled([froc_parts[i] for i in idx]), fp_rates)
+        cpms.append(curve.cpm)
+        sens.append([curve.points[float(f)] for f in fp_rates])
+    band = np.asarray(sens, dtype=np.float64).reshape(-1, len(fp_rates))
+    nan2 = [float("nan"), float("nan")]
+    return {"map50": _interval(maps) or nan2, "cpm": _interval(cpms) or nan2,
+            "per_class_ap50": [_interval(v) for v in per_class], "fp_per_image": [float(f) for f in fp_rates],
+            "froc_low": [round(float(np.nanpercentile(band[:, j], 2.5)), 4) for j in range(band.shape[1])],
+            "froc_high": [round(float(np.nanpercentile(band[:, j], 97.5)), 4) for j in range(band.shape[1])],
+            "n_resamples": n_resamples, "seed": seed, "unit": "patient"}
 
-    def interval(v: list[float]) -> list[float]:
-        a = np.asarray(v, dtype=np.float64)
-        a = a[~np.isnan(a)]
-        return [round(float(np.percentile(a, 2.5)), 4), round(float(np.percentile(a, 97.5)), 4)] if a.size \
-            else [float("nan"), float("nan")]
 
-    return {"map50": interval(maps), "cpm": interval(cpms), "n_resamples": n_resamples,  # type: ignore[dict-item]
-            "unit": "patient"}
+def bootstrap_ci(images: Sequence[ImageDets], n_classes: int, froc_iou: float, n_resamples: int = 1000,
+                 seed: int = 0, fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, list[float]]:
+    """95% percentile intervals for mAP50 and CPM, resampling *patients* with replacement (the part of
+    :func:`patient_bootstrap` that ``reports/metrics.json`` carries)."""
+    boot = patient_bootstrap(images, n_classes, froc_iou, n_resamples, seed, fp_rates)
+    return {k: boot[k] for k in ("map50", "cpm", "n_resamples", "unit")}
+
+
+# --------------------------------------------------------------------------------------------- worst cases
+
+MAX_CASES = 6  # worst false negatives, and as many false positives
+
+
+def worst_cases(images: Sequence[ImageDets], conf: float, max_cases: int = MAX_CASES) -> dict[str, list[dict]]:
+    """The worst false negatives (missed lesions, those the model scored lowest first) and false positives (the
+    most confident detections that match nothing) at the operating threshold ``conf``, class-aware at IoU 0.5.
+
+    Each case: ``image_id``, ``cls`` (0-based), ``score`` (a missed lesion's: the best same-class detection
+    overlapping it at IoU >= 0.1, else 0), ``box`` (xyxy), and what a picture of it needs: the image's
+    ``gt_boxes`` and its ``detections`` at or above ``conf`` (``box``, ``label``, ``score``)."""
+    fns, fps = [], []
+    for n, im in enumerate(images):
+        keep = im.scores >= conf
+        b, s, lab = im.boxes[keep], im.scores[keep], im.labels[keep]
+        m = greedy_match(b, s, im.gt_boxes, iou_thr=0.5, labels=lab, target_labels=im.gt_labels)
+        hit = {int(t) for t in m.target if t >= 0}
+        for g in range(len(im.gt_boxes)):
+            if g not in hit:
+                same = im.labels == im.gt_labels[g]
+                iou = pairwise_iou(im.gt_boxes[g:g + 1], im.boxes[same])[0] if same.any() else np.zeros(0)
+                best = float(im.scores[same][iou >= 0.1].max()) if (iou >= 0.1).any() else 0.0
+                fns.append({"n": n, "box": im.gt_boxes[g], "cls": int(im.gt_labels[g]), "score": best})
+        for d in np.flatnonzero(m.target < 0):
+            fps.append({"n": n, "box": b[d], "cls": int(lab[d]), "score": float(s[d])})
+    fns.sort(key=lambda c: (c["score"], -float(np.prod(c["box"][2:] - c["box"][:2]))))
+    fps.sort(key=lambda c: -c["score"])
+
+    def case(c: dict) -> dict:
+        im = images[c["n"]]
+        keep = im.scores >= conf
+        return {"image_id": int(im.image_id), "cls": c["cls"], "score": round(c["score"], 4),
+                "box": [round(float(v), 3) for v in c["box"]],
+                "gt_boxes": [[round(float(v), 3) for v in bx] for bx in im.gt_boxes],
+                "detections": [{"box": [round(float(v), 3) for v in bx], "label": int(lb), "score": round(float(sc), 4)}
+                               for bx, sc, lb in zip(im.boxes[keep], im.scores[keep], im.labels[keep], strict=True)]}
+
+    return {"fn": [case(c) for c in fns[:max_cases]], "fp": [case(c) for c in fps[:max_cases]]}
 
 
 # --------------------------------------------------------------------------------------------- operating point

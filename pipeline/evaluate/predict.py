@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.contracts.checkpoint import CheckpointMeta
+from pipeline.contracts.detections import Detections
 from pipeline.errors import DetflowError
-from pipeline.families import FAMILIES, CheckpointMeta, ModelFamily
-from pipeline.families.base import LoadedModel
-from pipeline.infer.processing import Detections, preprocess, shape_groups
+from pipeline.families import FAMILIES, FamilySpec, artifact_family
+from pipeline.families.backend import FamilyBackend, LoadedModel
+from pipeline.families.backends import backend_of
+from pipeline.infer.processing import preprocess, shape_groups
 from pipeline.ultralytics_env import configure_environment
 
 EXPECTED = "expected a PyTorch checkpoint written by `detflow train` (e.g. models/train/best.pt)"
@@ -26,7 +29,8 @@ EXPECTED = "expected a PyTorch checkpoint written by `detflow train` (e.g. model
 class TorchDetector:
     """A trained model ready for inference on RGB uint8 images."""
 
-    family: ModelFamily
+    family: FamilySpec
+    backend: FamilyBackend
     loaded: LoadedModel
     meta: CheckpointMeta
 
@@ -58,11 +62,12 @@ class TorchDetector:
             raise DetflowError(f"cannot read model checkpoint {path}: not a PyTorch checkpoint, or truncated "
                                f"({reason}); {EXPECTED}") from None
         meta = CheckpointMeta.read(ckpt, path)
-        family = FAMILIES.get(meta.family)
+        family = artifact_family(meta.family)
         if family is None:
             raise DetflowError(f"model checkpoint {path} is of family {meta.family!r}; this detflow knows: "
                                f"{', '.join(sorted(FAMILIES))}")
-        return cls(family, family.load(ckpt, meta, path, device), meta)
+        backend = backend_of(family)
+        return cls(family, backend, backend.load(ckpt, meta, path, device), meta)
 
     def predict(self, images: list[np.ndarray], conf: float = 0.001, iou: float = 0.7,
                 max_det: int = 300) -> list[Detections]:
@@ -77,4 +82,5 @@ class TorchDetector:
         calls = self.loaded.forward(batch)
         groups = [metas] if self.family.dynamic_batch else [[m] for m in metas]
         return [d for outputs, ms in zip(calls, groups, strict=True)
-                for d in self.family.postprocess(outputs, ms, conf=conf, iou=iou, max_det=max_det)]
+                for d in self.family.postprocess(outputs, ms, conf=conf, iou=iou, max_det=max_det,
+                                                 model=self.meta.model)]

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params
+from pipeline.contracts.card import SCHEMA, validate_card
 from pipeline.errors import DataError, DetflowError
-from pipeline.families import ModelFamily
+from pipeline.families import FamilySpec
 from pipeline.fileio import (
     atomic_outputs,
     atomic_write_json,
@@ -74,7 +75,7 @@ def _match_parity(torch_dets: list, onnx_dets: list, conf: float, iou_thr: float
 
 def measure_parity(torch_detector: Any, onnx_detector: Any, prepared: Path, params: Params) -> dict[str, Any]:
     """The same images through PyTorch and onnxruntime: box-level agreement and metric-level delta."""
-    from pipeline.evaluate import compute_metrics, load_split, score_detector
+    from pipeline.evaluate.stage import compute_metrics, load_split, score_detector
 
     ev = params.evaluate
     split = ev.split
@@ -159,7 +160,7 @@ def reference_sample(detector: Any, prepared: Path, rows: int = REFERENCE_ROWS, 
     return emb, np.array(groups, dtype=str), {**how, "note": note} if note else how
 
 
-def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgsz: int, onnx_path: Path,
+def build_card(*, family: FamilySpec, model_name: str, classes: list[str], imgsz: int, onnx_path: Path,
                prepared: Path, train_summary: dict, metrics: dict, gate: dict, parity: dict,
                params: Params, stride: int = 0) -> dict[str, Any]:
     """The machine-readable contract that ships next to model.onnx (family fields from the family)."""
@@ -193,7 +194,7 @@ def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgs
         resize = (f"letterbox to {imgsz}x{imgsz}: keep aspect ratio, bilinear (cv2.INTER_LINEAR), "
                   "centre padding with grey 114; boxes mapped back by the same scale and offset")
     return {
-        "schema": "detflow-model-card/1",
+        "schema": SCHEMA,
         "family": family.name, "model": model_name, "classes": classes,
         "input": {"name": "images", "shape": shape, "imgsz": imgsz, "stride": stride,
                   "dtype": family.input_dtype(settings),
@@ -201,7 +202,7 @@ def build_card(*, family: ModelFamily, model_name: str, classes: list[str], imgs
                   "normalisation": "pixel / 255, no mean/std (the network normalises internally for Faster R-CNN)",
                   "resize": resize,
                   "dicom_window": dicom_window, "pixel_spacing": pixel_spacing},
-        "output": family.card_output(classes),
+        "output": family.card_output(model_name, classes),
         "postprocess": {"conf": params.evaluate.conf, "nms_iou": params.evaluate.nms_iou,
                         "max_det": params.export.max_det},
         "opset": settings.opset, "sha256": sha256_file(onnx_path), "size_bytes": onnx_path.stat().st_size,
@@ -261,8 +262,8 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
     """
     import onnx
 
-    from pipeline.evaluate import load_split
     from pipeline.evaluate.predict import TorchDetector
+    from pipeline.evaluate.stage import load_split
     from pipeline.infer.engine import OnnxDetector
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,13 +281,13 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
     metrics = _read_json(reports / "metrics.json", "evaluation metrics", default={})
     summary = _read_json(reports / "train" / "summary.json", "training summary", default={})
     torch_det = TorchDetector.load(model_path)
-    family = torch_det.family
+    family, backend = torch_det.family, torch_det.backend
     settings = params.export.of(family.name)
-    family.check_export(settings)
+    backend.check_export(settings)
     start = time.perf_counter()
     work = private_workdir(out_dir, "export")
     try:
-        onnx_path = family.export_onnx(model_path, torch_det.loaded, work, torch_det.imgsz, settings)
+        onnx_path = backend.export_onnx(model_path, torch_det.loaded, work, torch_det.imgsz, settings)
         onnx.checker.check_model(str(onnx_path))
         card = build_card(family=family, model_name=torch_det.meta.model,
                           classes=torch_det.classes, imgsz=torch_det.imgsz, onnx_path=onnx_path,
@@ -310,6 +311,7 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["checkpoint"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
         card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE,
                                              work / REFERENCE_GROUPS_FILE)
+        validate_card(card, "the model card export built")  # the schema the engine and the service read
         with atomic_outputs(out_dir / "model.onnx", out_dir / "model_card.json", out_dir / REFERENCE_FILE,
                             out_dir / REFERENCE_GROUPS_FILE) as (
                 model_staged, card_staged, reference_staged, groups_staged):
@@ -327,7 +329,7 @@ def _embedding_entry(detector: Any, onnx_path: Path, prepared: Path, reference_p
     """The card's ``embedding`` entry; writes the reference sample to ``reference_path`` and its rows' patients to
     ``groups_path`` (scratch, then published with the model). Every family exports the embedding output, so its
     absence is an export bug."""
-    from pipeline.families.base import embedding_card
+    from pipeline.families.onnx import embedding_card
 
     if not detector.has_embeddings:
         raise DetflowError(f"the {detector.family} export has no embedding output; shift detection needs it")

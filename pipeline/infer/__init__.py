@@ -1,6 +1,3 @@
-"""ONNX inference: the engine and the shared pre/post-processing. Importing this package never imports torch."""
-
-from pipeline.infer.engine import ModelLoadError, OnnxDetector, ProviderError, StreamResult, plan_workers
-from pipeline.infer.processing import Detections
-
-__all__ = ["Detections", "ModelLoadError", "OnnxDetector", "ProviderError", "StreamResult", "plan_workers"]
+"""ONNX inference: the engine (``engine.py``: :class:`~pipeline.infer.engine.OnnxDetector`), the shared
+pre/post-processing (``processing.py``) and batch inference (``batch.py``). Never imports torch. This package
+imports none of its modules (the families' post-processing uses ``processing.py`` without loading the engine)."""

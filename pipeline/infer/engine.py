@@ -10,10 +10,7 @@ streaming workers, embeddings); split, the path a request takes would be spread 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import numbers
 import os
 import threading
 from collections import deque
@@ -25,9 +22,10 @@ from typing import Any, Generic, Literal, TypeVar, overload
 
 import numpy as np
 
+from pipeline.contracts.card import CardError, ModelCard, check_threshold, read_card
+from pipeline.contracts.embedding import EMBEDDING_OUTPUT
 from pipeline.errors import DetflowError
-from pipeline.families import FAMILIES, ModelFamily
-from pipeline.families.base import EMBEDDING_OUTPUT
+from pipeline.families import FAMILIES, FamilySpec, artifact_family
 from pipeline.fileio import sha256_file
 from pipeline.infer.processing import Detections, InputScaling, preprocess, shape_groups
 
@@ -44,14 +42,6 @@ class ProviderError(DetflowError):
 
 class EmbeddingsUnavailable(DetflowError):
     """The model has no embedding output or no usable reference sample (exported before shift detection)."""
-
-
-def check_threshold(value: float, name: str = "conf") -> float:
-    """A score or IoU threshold: a finite number in [0, 1] (5, -1 or nan would silently keep all or no boxes)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -143,25 +133,19 @@ class OnnxDetector:
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
             log.warning("CUDA provider requested but not active; running on %s", ", ".join(self.providers))
         self._check_card_against_graph()
-        self.family: str = self.card["family"]
-        self.model_family: ModelFamily = FAMILIES[self.family]  # torch-free parts only: graph check, postprocess
-        self.classes: list[str] = list(self.card["classes"])
-        self.imgsz: int = int(self.card["input"]["imgsz"])
+        self.model_family: FamilySpec = artifact_family(self.model_card.family)  # type: ignore[assignment]
+        self.family: str = self.model_family.name  # torch-free: graph check, postprocess
+        self.model_name: str = self.model_card.model or ""
+        self.classes: list[str] = list(self.model_card.classes)
+        self.imgsz: int = self.model_card.input.imgsz
         self.input_name = self.session.get_inputs()[0].name
         # the detection outputs, in graph order; the embedding output (shift detection) is fetched only on request
         graph_outputs = [o.name for o in self.session.get_outputs()]
         self.output_names: list[str] = [n for n in graph_outputs if n != EMBEDDING_OUTPUT]
         self.has_embeddings: bool = EMBEDDING_OUTPUT in graph_outputs
         self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        post = self.card.get("postprocess") or {}
-        try:
-            self.conf = post.get("conf", 0.25)
-            self.nms_iou = check_threshold(post.get("nms_iou", 0.7), "nms_iou")
-            self.max_det = int(post.get("max_det", 300))
-            if self.max_det < 1:
-                raise ValueError(f"max_det must be >= 1, got {self.max_det}")
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"model card {self.card_path}: postprocess: {e}; re-export the model") from None
+        post = self.model_card.postprocess  # checked by the card schema
+        self.conf, self.nms_iou, self.max_det = post.conf, post.nms_iou, post.max_det
         try:  # site adaptation (`detflow adapt`) and the training pixel spacing: how large each image is letterboxed
             self.scaling: InputScaling = InputScaling.from_card(self.card)
         except (ValueError, TypeError) as e:
@@ -169,7 +153,7 @@ class OnnxDetector:
         self._local = threading.local()
         # Minimal (rect) padding only where the card says the model takes it and the graph's H/W are dynamic.
         in_shape = self.session.get_inputs()[0].shape
-        self.stride: int = int(self.card["input"].get("stride") or 0) \
+        self.stride: int = self.model_card.input.stride \
             if all(isinstance(d, str) for d in in_shape[2:]) else 0
 
     @property
@@ -182,33 +166,17 @@ class OnnxDetector:
         self._conf = check_threshold(value, "conf")
 
     def _read_card(self) -> dict[str, Any]:
-        """The card, checked for the fields and types the engine relies on: a damaged card fails here, clearly."""
-        where = f"model card {self.card_path}"
+        """The card, validated against the one card schema (:mod:`pipeline.contracts.card`) and the family
+        registry: a damaged card fails here, clearly."""
         try:
-            card = json.loads(self.card_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{where} is not valid JSON ({e}); re-export the model") from None
-        if not isinstance(card, dict):
-            raise ModelLoadError(f"{where} holds a JSON {type(card).__name__}, expected an object; re-export the model")
-        for key in ("family", "classes", "input", "sha256"):
-            if key not in card:
-                raise ModelLoadError(f"{where} lacks {key!r}; re-export the model")
-        classes, inp = card["classes"], card["input"]
-        imgsz = inp.get("imgsz") if isinstance(inp, dict) else None
-        problems = []
-        if not isinstance(card["family"], str) or card["family"] not in FAMILIES:
-            problems.append(f"family {card['family']!r} is not one of: {', '.join(sorted(FAMILIES))}")
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-            problems.append("classes is not a non-empty list of names")
-        if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz < 1:
-            problems.append("input.imgsz is not a positive integer")
-        if not isinstance(card["sha256"], str):
-            problems.append("sha256 is not a string")
-        if not isinstance(card.get("postprocess") or {}, dict):
-            problems.append("postprocess is not an object")
-        if problems:
-            raise ModelLoadError(f"{where}: {'; '.join(problems)}; re-export the model")
-        return card
+            doc, card = read_card(self.card_path)
+        except CardError as e:
+            raise ModelLoadError(str(e)) from None
+        if artifact_family(card.family) is None:
+            raise ModelLoadError(f"model card {self.card_path} is malformed (family {card.family!r} is not one of: "
+                                 f"{', '.join(sorted(FAMILIES))}); re-export the model")
+        self.model_card: ModelCard = card
+        return doc
 
     def _check_card_against_graph(self) -> None:
         inputs = self.session.get_inputs()
@@ -222,7 +190,8 @@ class OnnxDetector:
             if isinstance(shape[axis], int) and shape[axis] != int(card_in["imgsz"]):
                 problems.append(f"graph input size {shape[2:]} differs from the card's imgsz {card_in['imgsz']}")
                 break
-        problems += FAMILIES[self.card["family"]].check_graph(inputs, outputs, self.card)
+        problems += artifact_family(self.model_card.family).check_graph(  # type: ignore[union-attr]
+            inputs, outputs, self.card)
         if problems:
             raise ModelLoadError(f"model card {self.card_path} does not match {self.model_path}: "
                                  + "; ".join(problems))
@@ -315,13 +284,14 @@ class OnnxDetector:
         n_det = len(self.output_names)
         if family.dynamic_batch:
             outs = self.run(batch, embeddings)
-            dets = family.postprocess(outs[:n_det], metas, conf=conf, iou=iou, max_det=max_det)
+            dets = family.postprocess(outs[:n_det], metas, conf=conf, iou=iou, max_det=max_det, model=self.model_name)
             return dets, (np.asarray(outs[n_det], np.float32) if embeddings else None)
         out: list[Detections] = []
         pooled: list[np.ndarray] = []
         for i, meta in enumerate(metas):  # a graph exported for one image at a time
             outs = self.run(batch[i:i + 1], embeddings)
-            out += family.postprocess(outs[:n_det], [meta], conf=conf, iou=iou, max_det=max_det)
+            out += family.postprocess(outs[:n_det], [meta], conf=conf, iou=iou, max_det=max_det,
+                                      model=self.model_name)
             if embeddings:
                 pooled.append(np.asarray(outs[n_det], np.float32).reshape(1, -1))
         return out, (np.concatenate(pooled) if embeddings else None)

@@ -15,7 +15,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.contracts.detections import Detections, LetterboxMeta
 from pipeline.data.imaging import pixel_spacing_of
+
+__all__ = ["Detections", "InputScaling", "LetterboxMeta", "letterbox", "nms", "preprocess", "rect_shape", "to_tensor",
+           "unletterbox"]
 
 PAD_VALUE = 114
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
@@ -23,17 +27,6 @@ MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
 one image costs 16x the compute of the training size."""
 SPACING_TOLERANCE = 0.01
 """A physical factor within 1 % of 1 is 1: the same site, letterboxed exactly as in training."""
-
-
-@dataclass(frozen=True)
-class LetterboxMeta:
-    """How an original image maps into the model input: ``model = orig * scale + (pad_x, pad_y)``."""
-
-    scale: float
-    pad_x: float
-    pad_y: float
-    orig_w: int
-    orig_h: int
 
 
 def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
@@ -243,15 +236,3 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
         iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12)
         order = rest[iou <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
-
-
-@dataclass
-class Detections:
-    """Detections for one image in original-image pixels; ``labels`` are 0-based class indices."""
-
-    boxes: np.ndarray  # (N, 4) xyxy float
-    scores: np.ndarray  # (N,)
-    labels: np.ndarray  # (N,) int
-
-    def __len__(self) -> int:
-        return len(self.scores)

@@ -1,4 +1,5 @@
-"""Read a run's files into the report's sections. Each section is a plain dict; a missing input never raises, it
+"""Read a run's files into the report's sections (every number comes from a stage's output; nothing is computed
+here). Each section is a plain dict; a missing input never raises, it
 becomes a line in the section's ``missing`` list, so the report also renders after a failed gate (no card, no
 parity) or before optional stages (external evaluation, shift test, benchmark) ever ran.
 
@@ -23,7 +24,6 @@ import yaml
 from pipeline.report import charts
 
 MAX_PROBLEM_THUMBS = 8  # thumbnails of quarantined / fixed samples
-MAX_CASES = 6  # worst false negatives, and as many false positives
 GATE_OPERATORS = {"max_regression": "<="}  # every other check passes at value >= threshold
 
 
@@ -232,121 +232,25 @@ def transfer_section(inp: ReportInputs, summary: dict | None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def _image_dets(predictions: list[dict], gt: dict) -> list[Any]:
-    """The evaluator's per-image records rebuilt from predictions.json and the split's COCO ground truth."""
-    from pipeline.evaluate.metrics import ImageDets
-
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for p in predictions:
-        by_image[p["image_id"]].append(p)
-    anns: dict[int, list[dict]] = defaultdict(list)
-    for a in gt["annotations"]:
-        anns[a["image_id"]].append(a)
-
-    def xyxy(rows: list[dict], key: str) -> np.ndarray:
-        return np.array([[x, y, x + w, y + h] for x, y, w, h in (r[key] for r in rows)],
-                        dtype=np.float64).reshape(-1, 4)
-
-    out = []
-    for e in gt["images"]:
-        p, a = by_image.get(e["id"], []), anns.get(e["id"], [])
-        out.append(ImageDets(image_id=e["id"], patient=str(e.get("patient", e["id"])), gt_boxes=xyxy(a, "bbox"),
-                             gt_labels=np.array([q["category_id"] - 1 for q in a], dtype=np.int64),
-                             boxes=xyxy(p, "bbox"), scores=np.array([q["score"] for q in p], dtype=np.float64),
-                             labels=np.array([q["category_id"] - 1 for q in p], dtype=np.int64)))
-    return out
-
-
-def patient_bootstrap(images: list[Any], n_classes: int, froc_iou: float, resamples: int, seed: int) -> dict[str, Any]:
-    """95% intervals per class (AP50) and a band around the FROC curve, resampling patients as
-    :func:`pipeline.evaluate.metrics.bootstrap_ci` does (same seed, same draws: its CPM interval comes out equal,
-    which the tests check). metrics.json carries intervals for mAP50 and CPM only; the report needs them per class
-    and along the curve."""
-    from pipeline.evaluate.metrics import (
-        FROC_FP_RATES,
-        _coco_ap,
-        _coco_style_matches,
-        _froc_from_arrays,
-        _froc_hits,
-        _pooled,
-    )
-
-    rng = np.random.default_rng(seed)
-    patients = sorted({im.patient for im in images})
-    by_patient = {p: [i for i, im in enumerate(images) if im.patient == p] for p in patients}
-    ap_matches = [_coco_style_matches(im, n_classes) for im in images]
-    froc_parts = [_froc_hits(im, froc_iou) for im in images]
-    per_class: list[list[float]] = [[] for _ in range(n_classes)]
-    sens: list[list[float]] = []
-    cpms: list[float] = []
-    for _ in range(resamples):
-        chosen = rng.integers(0, len(patients), len(patients))
-        idx = [i for k in chosen for i in by_patient[patients[k]]]
-        for c in range(n_classes):
-            parts = [ap_matches[i] for i in idx]
-            n_gt = sum(m.n_gt.get(c, 0) for m in parts)
-            if n_gt:
-                scores = np.concatenate([m.scores.get(c, np.zeros(0)) for m in parts])
-                tps = np.concatenate([m.tps.get(c, np.zeros(0, bool)) for m in parts])
-                per_class[c].append(_coco_ap(scores, tps, n_gt))
-        curve = _froc_from_arrays(*_pooled([froc_parts[i] for i in idx]), FROC_FP_RATES)
-        sens.append([curve.points[f] for f in FROC_FP_RATES])
-        cpms.append(curve.cpm)
-
-    def interval(v: list[float]) -> list[float] | None:
-        a = np.asarray(v, dtype=np.float64)
-        a = a[~np.isnan(a)]
-        return [round(float(np.percentile(a, 2.5)), 4), round(float(np.percentile(a, 97.5)), 4)] if a.size else None
-
-    s = np.asarray(sens, dtype=np.float64).reshape(-1, len(FROC_FP_RATES))
-    return {"per_class": [interval(v) for v in per_class], "cpm": interval(cpms),
-            "froc_low": [round(float(np.nanpercentile(s[:, j], 2.5)), 4) for j in range(s.shape[1])],
-            "froc_high": [round(float(np.nanpercentile(s[:, j], 97.5)), 4) for j in range(s.shape[1])],
-            "resamples": resamples}
-
-
-def _cases(images: list[Any], classes: list[str], conf: float, prepared: Path, gt: dict) -> dict[str, list[dict]]:
-    """The worst false negatives (missed lesions the model scored lowest) and false positives (the most confident
-    detections that match nothing), drawn on their images."""
-    from pipeline.matching import greedy_match, pairwise_iou
-
-    files = {e["id"]: e["file_name"] for e in gt["images"]}
-    fns, fps = [], []
-    for n, im in enumerate(images):
-        keep = im.scores >= conf
-        b, s, lab = im.boxes[keep], im.scores[keep], im.labels[keep]
-        m = greedy_match(b, s, im.gt_boxes, iou_thr=0.5, labels=lab, target_labels=im.gt_labels)
-        hit = {int(t) for t in m.target if t >= 0}
-        for g in range(len(im.gt_boxes)):
-            if g not in hit:
-                same = im.labels == im.gt_labels[g]
-                iou = pairwise_iou(im.gt_boxes[g:g + 1], im.boxes[same])[0] if same.any() else np.zeros(0)
-                best = float(im.scores[same][iou >= 0.1].max()) if (iou >= 0.1).any() else 0.0
-                fns.append({"n": n, "box": im.gt_boxes[g], "cls": int(im.gt_labels[g]), "score": best})
-        for d in np.flatnonzero(m.target < 0):
-            fps.append({"n": n, "box": b[d], "cls": int(lab[d]), "score": float(s[d])})
-    fns.sort(key=lambda c: (c["score"], -float(np.prod(c["box"][2:] - c["box"][:2]))))
-    fps.sort(key=lambda c: -c["score"])
+def _draw_cases(cases: dict[str, list[dict]], classes: list[str], prepared: Path) -> dict[str, list[dict]]:
+    """The evaluator's worst cases (``reports/eval/statistics.json``) drawn on their images."""
+    from pipeline.data.imaging import ImageLoadError, decode_path
 
     def draw(case: dict, what: str) -> dict:
-        from pipeline.data.imaging import ImageLoadError, decode_path
-
-        im = images[case["n"]]
-        keep = im.scores >= conf
-        preds = [(bx, f"{classes[c] if 0 <= c < len(classes) else c} {sc:.2f}")
-                 for bx, sc, c in zip(im.boxes[keep], im.scores[keep], im.labels[keep], strict=True)]
+        preds = [(np.asarray(d["box"]), f"{classes[d['label']] if 0 <= d['label'] < len(classes) else d['label']} "
+                                        f"{d['score']:.2f}") for d in case.get("detections", [])]
         name = classes[case["cls"]] if 0 <= case["cls"] < len(classes) else str(case["cls"])
-        item = {"file": files.get(im.image_id, ""), "cls": name, "score": round(case["score"], 4), "what": what,
-                "uri": None}
+        item = {"file": case.get("file", ""), "cls": name, "score": case["score"], "what": what, "uri": None}
         try:
-            item["uri"] = charts.drawn(decode_path(prepared / item["file"], max_pixels=None).rgb, im.gt_boxes, preds,
-                                       case["box"])
+            gt = np.asarray(case.get("gt_boxes", []), dtype=np.float64).reshape(-1, 4)
+            item["uri"] = charts.drawn(decode_path(prepared / item["file"], max_pixels=None).rgb, gt, preds,
+                                       np.asarray(case["box"]))
         except (ImageLoadError, OSError):
             item["uri"] = None
         return item
 
-    return {"fn": [draw(c, "missed") for c in fns[:MAX_CASES]],
-            "fp": [draw(c, "false positive") for c in fps[:MAX_CASES]]}
+    return {"fn": [draw(c, "missed") for c in cases.get("fn", [])],
+            "fp": [draw(c, "false positive") for c in cases.get("fp", [])]}
 
 
 def _pr_curves(folder: Path, classes: list[str]) -> str | None:
@@ -372,33 +276,25 @@ def _confusion(path: Path, classes: list[str]) -> tuple[str | None, list[list[in
     return charts.confusion_chart(matrix, labels, "Confusion at the operating threshold"), matrix.tolist()
 
 
-def evaluation_section(inp: ReportInputs, metrics: dict | None, params: Any) -> dict[str, Any]:
+def evaluation_section(inp: ReportInputs, metrics: dict | None) -> dict[str, Any]:
+    """metrics.json and the evaluator's statistics (``reports/eval/statistics.json``: per-class intervals, the FROC
+    band, the worst cases), shown as they are: the report computes no statistic."""
     missing: list[str] = []
     if metrics is None:
         missing.append(f"{inp.reports / 'metrics.json'} not found (run `detflow evaluate`)")
         return {"missing": missing}
     split = metrics.get("split", "test")
-    gt_path = inp.data / "coco" / f"{split}.json"
-    classes = list((metrics.get("per_class") or {}).keys())
-    gt = _json(gt_path, missing, "run `detflow prepare`")
-    if gt is not None:
-        classes = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
-    preds = _json(inp.reports / "eval" / "predictions.json", missing, "run `detflow evaluate`")
+    stats = _json(inp.reports / "eval" / "statistics.json", missing, "run `detflow evaluate`") or {}
+    classes = list(stats.get("classes") or (metrics.get("per_class") or {}).keys())
     froc = metrics.get("froc") or {}
-    boot, cases = None, {"fn": [], "fp": []}
-    conf = float((metrics.get("operating_point") or {}).get("conf", params.evaluate.conf))
-    if gt is not None and preds is not None:
-        images = _image_dets(preds, gt)
-        resamples = int((metrics.get("ci95") or {}).get("resamples") or params.evaluate.bootstrap)
-        if resamples and images:
-            boot = patient_bootstrap(images, len(classes), float(froc.get("iou", params.evaluate.froc_iou)),
-                                     resamples, params.evaluate.seed)
-        cases = _cases(images, classes, conf, inp.data, gt)
+    boot = stats.get("bootstrap")  # None when evaluate.bootstrap is 0
+    cases = _draw_cases(stats.get("cases") or {}, classes, inp.data)
     per_class = []
     for k, name in enumerate(classes):
         row = (metrics.get("per_class") or {}).get(name) or {}
+        cis = (boot or {}).get("per_class_ap50") or []
         per_class.append({"name": name, "ap50": row.get("ap50"), "ap50_95": row.get("ap50_95"),
-                          "ci": boot["per_class"][k] if boot and k < len(boot["per_class"]) else None})
+                          "ci": cis[k] if k < len(cis) else None})
     froc_svg = None
     if froc.get("fp_per_image"):
         band = (froc["fp_per_image"], boot["froc_low"], boot["froc_high"]) if boot else None
@@ -596,7 +492,7 @@ def collect(inp: ReportInputs, params: Any) -> dict[str, Any]:
         "verdict": verdict(inp, metrics, gate, card, validation, summary),
         "data": data_section(inp, validation),
         "transfer": transfer_section(inp, summary),
-        "evaluation": evaluation_section(inp, metrics, params),
+        "evaluation": evaluation_section(inp, metrics),
         "generalisation": generalisation_section(inp, metrics, card),
         "deployment": deployment_section(inp, card, gate),
         "provenance": provenance_section(inp, card),

@@ -1,7 +1,7 @@
 """The FastAPI application: :func:`create_app` wires the service's units together (see ``pipeline/serve/__init__.py``
 for the HTTP contract).
 
-The units, each importable and tested alone (``tests/test_serve_units.py``):
+The units, each importable and tested alone (``tests/code/test_serve_units.py``):
 
 * ``errors``     the one error shape ``{"error": {"code", "message"}}`` and the exception handlers
 * ``auth``       the bearer-token dependency (constant-time comparison)

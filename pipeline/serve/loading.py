@@ -6,10 +6,10 @@ the process with exit 1, in the background load it becomes the ``/health/ready``
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from pipeline.contracts.card import CardError, read_card
 from pipeline.serve.settings import ServeSettings
 
 
@@ -25,10 +25,6 @@ def load_detector(settings: ServeSettings) -> Any:
     except OSError as e:  # e.g. the mounted folder changed under us: still one line, never a traceback
         raise ModelLoadError(f"cannot read the model: {e.strerror or e} ({e.filename or settings.model_path})"
                              ) from None
-
-
-# the card fields the engine reads, with their JSON types
-_CARD_FIELDS: dict[str, type] = {"family": str, "classes": list, "input": dict, "sha256": str}
 
 
 def check_model_files(settings: ServeSettings) -> None:
@@ -54,14 +50,6 @@ def check_model_files(settings: ServeSettings) -> None:
         except OSError as e:  # a folder, an I/O error on the mount, ...
             raise ModelLoadError(f"cannot read {what} {path}: {e.strerror or e}") from None
     try:
-        data = json.loads(card.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ModelLoadError(f"model card {card} is not valid JSON{where}; re-export the model") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"model card {card} is not a JSON object; re-export the model")
-    wrong = [f"{k} is not a {t.__name__}" for k, t in _CARD_FIELDS.items() if k in data and not isinstance(data[k], t)]
-    if isinstance(data.get("input"), dict) and "imgsz" not in data["input"]:
-        wrong.append("input lacks imgsz")
-    if wrong:
-        raise ModelLoadError(f"model card {card} is malformed ({'; '.join(wrong)}); re-export the model")
+        read_card(card)  # the one card schema the engine reads too
+    except CardError as e:
+        raise ModelLoadError(str(e)) from None

@@ -1,27 +1,23 @@
 """The ``yolo`` family: Ultralytics YOLOv5/v8/11 detectors (Ultralytics owns the training loop).
 
-Parts: ``pretrained.py`` (COCO weights through pipeline/assets.py, the restricted YOLOv5 loader), ``trainer.py``
-(the Ultralytics trainer subclass: freeze schedule, LR groups, DVCLive, progress bar), ``train.py`` (the stage entry,
-checkpoint header, publishing), ``inference.py`` (load a checkpoint for inference), ``export.py`` (Ultralytics'
-ONNX exporter), ``postprocess.py`` (torch-free decoding). Importing this module imports neither torch nor
-Ultralytics.
+Torch-free (this module, the spec): ``postprocess.py`` (decoding). Torch (``backend.py``, imported only by the stages
+that train, score or export): ``pretrained.py`` (COCO weights through pipeline/assets.py, the restricted YOLOv5
+loader), ``trainer.py`` (the Ultralytics trainer subclass: freeze schedule, LR groups, DVCLive, progress bar),
+``train.py`` (the stage entry, layer groups, checkpoint header, publishing), ``inference.py`` (load a checkpoint for
+inference), ``export.py`` (Ultralytics' ONNX exporter). Importing this module imports neither torch nor Ultralytics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from pipeline.families.base import CheckpointMeta, ExportSettings, LoadedModel, ModelFamily
-
-if TYPE_CHECKING:
-    from pipeline.config import Params, TrainParams
-    from pipeline.infer.processing import Detections, LetterboxMeta
-    from pipeline.train.common import PretrainedSource, TrainResult
+from pipeline.contracts.detections import Detections, LetterboxMeta
+from pipeline.families.spec import ExportSettings, FamilySpec
+from pipeline.families.yolo.postprocess import yolo_postprocess
 
 
 class YoloExport(ExportSettings):
@@ -31,7 +27,7 @@ class YoloExport(ExportSettings):
     max_map_delta: float = Field(0.005, ge=0.0, le=1.0)
 
 
-class YoloFamily(ModelFamily):
+class YoloSpec(FamilySpec):
     name = "yolo"
     title = "YOLO"
     models = ("yolov5n", "yolov5s", "yolov8n", "yolov8s", "yolo11n", "yolo11s")
@@ -41,40 +37,7 @@ class YoloFamily(ModelFamily):
     export_params = YoloExport
     dynamic_batch = True
 
-    def resolve_pretrained(self, tp: TrainParams, raw_dir: Path, mirrors: Sequence[Path] | None, trust: bool,
-                           progress: bool) -> tuple[PretrainedSource, Any]:
-        from pipeline.families.yolo.pretrained import resolve_pretrained
-
-        return resolve_pretrained(tp, raw_dir, list(mirrors) if mirrors is not None else None, trust)
-
-    def train(self, params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
-              raw_dir: Path, mirrors: list[Path] | None, trust: bool, progress: bool) -> TrainResult:
-        from pipeline.families.yolo.train import train_yolo
-
-        return train_yolo(params, prepared, out_dir, reports_dir, workdir, raw_dir, mirrors, trust, progress)
-
-    def load(self, ckpt: Any, meta: CheckpointMeta, path: Path, device: str) -> LoadedModel:
-        from pipeline.families.yolo.inference import load_yolo
-
-        return load_yolo(ckpt, path, device)
-
-    def export_onnx(self, checkpoint: Path, loaded: LoadedModel, work: Path, imgsz: int,
-                    settings: ExportSettings) -> Path:
-        from pipeline.families.yolo.export import export_yolo
-
-        return export_yolo(checkpoint, work, imgsz, settings)  # type: ignore[arg-type]
-
-    def check_export(self, settings: ExportSettings) -> None:
-        if getattr(settings, "half", False):
-            import torch
-
-            from pipeline.errors import DetflowError
-
-            if not torch.cuda.is_available():
-                raise DetflowError("export.yolo.half needs a CUDA GPU at export time (Ultralytics exports FP16 on "
-                                   "GPU only); set export.yolo.half: false")
-
-    def card_output(self, classes: list[str]) -> dict[str, Any]:
+    def card_output(self, model: str, classes: list[str]) -> dict[str, Any]:
         return {"name": "output0", "shape": ["N", 4 + len(classes), "anchors"],
                 "meaning": "per anchor: box centre x, centre y, width, height in input pixels, then one score per "
                            "class (sigmoid); decode with pipeline.families.yolo.postprocess.yolo_postprocess"}
@@ -89,10 +52,8 @@ class YoloFamily(ModelFamily):
         return []
 
     def postprocess(self, outputs: Sequence[np.ndarray], metas: Sequence[LetterboxMeta], conf: float, iou: float,
-                    max_det: int) -> list[Detections]:
-        from pipeline.families.yolo.postprocess import yolo_postprocess
-
+                    max_det: int, model: str) -> list[Detections]:
         return yolo_postprocess(outputs[0], metas, conf=conf, iou=iou, max_det=max_det)
 
 
-YOLO = YoloFamily()
+YOLO = YoloSpec()

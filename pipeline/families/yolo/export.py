@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DetflowError
-from pipeline.families.base import add_pooled_embedding
+from pipeline.families.onnx import add_pooled_embedding
 from pipeline.families.yolo import YoloExport
 from pipeline.ultralytics_env import import_ultralytics
 

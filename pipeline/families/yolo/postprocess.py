@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.infer.processing import Detections, LetterboxMeta, nms, unletterbox
+from pipeline.contracts.detections import Detections, LetterboxMeta
+from pipeline.infer.processing import nms, unletterbox
 
 
 def yolo_postprocess(raw: np.ndarray, metas: Sequence[LetterboxMeta], conf: float = 0.001, iou: float = 0.7,

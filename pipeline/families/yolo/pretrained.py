@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.contracts.results import PretrainedSource
 from pipeline.errors import AssetError
-from pipeline.families.yolo import YoloFamily
-from pipeline.train.common import PretrainedSource, resolve_initial_weights
+from pipeline.families.yolo import YOLO
+from pipeline.train.pretrained import resolve_initial_weights
 from pipeline.train.weights_import import UnsafeCheckpointError, load_yolov5_state_dict
 from pipeline.ultralytics_env import import_ultralytics
 
@@ -39,6 +40,6 @@ def resolve_pretrained(tp: TrainParams, raw_dir: Path, mirrors: list[Path] | Non
                        trust: bool) -> tuple[PretrainedSource, dict[str, torch.Tensor] | None]:
     """Initial weights: none, the model's COCO checkpoint (a named asset, resolved and verified by
     :func:`pipeline.assets.resolve`), or a path (checked against ``train.pretrained_sha256``)."""
-    return resolve_initial_weights(tp, YoloFamily.coco_assets,
+    return resolve_initial_weights(tp, YOLO.coco_assets,
                                    lambda path, expected: load_checkpoint_state(path, expected, trust),
                                    raw_dir, mirrors, trust)

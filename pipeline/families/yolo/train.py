@@ -13,22 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.contracts.checkpoint import HEADER_KEY, CheckpointMeta
+from pipeline.contracts.results import PretrainedSource, TrainResult
 from pipeline.errors import ConfigError
-from pipeline.families.base import HEADER_KEY, CheckpointMeta
-from pipeline.families.yolo import YoloFamily
+from pipeline.families.yolo import YOLO
 from pipeline.families.yolo.pretrained import resolve_pretrained
 from pipeline.families.yolo.trainer import SPEC_ENV, trainer_class
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
-from pipeline.train.common import (
-    PretrainedSource,
-    TrainResult,
-    check_prepared,
-    frozen_groups_at,
-    publish_run,
-    resolve_device,
-    run_fingerprint,
-    validate_schedule,
-)
+from pipeline.train.devices import resolve_device
+from pipeline.train.publish import publish_run
+from pipeline.train.runs import check_prepared, run_fingerprint
+from pipeline.train.strategies import frozen_groups_at, validate_schedule
 from pipeline.ultralytics_env import import_ultralytics
 
 if TYPE_CHECKING:
@@ -157,7 +152,7 @@ def _finish(params: Params, pretrained: PretrainedSource, run_dir: Path, out_dir
     sizes = _param_sizes(best)
     group_params = {g: sum(n for name, n in sizes.items() if name.startswith(tuple(ps)))
                     for g, ps in yolo_group_prefixes(params.train.model).items()}
-    return publish_run(family=YoloFamily.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
+    return publish_run(family=YOLO.name, params=params, pretrained=pretrained, run_dir=run_dir, best=best,
                        last=weights / "last.pt", out_dir=out_dir, reports_dir=reports_dir, transfer_report=report,
                        frozen_by_epoch={int(k): v for k, v in frozen.items()}, group_params=group_params,
                        resume_epoch=resume_epoch,
@@ -178,7 +173,7 @@ def write_header(path: Path, model_name: str, imgsz: int) -> None:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt.get("ema") or ckpt.get("model")
     names = model.names if isinstance(model.names, list) else [model.names[k] for k in sorted(model.names)]
-    ckpt[HEADER_KEY] = CheckpointMeta(family=YoloFamily.name, model=model_name, classes=[str(n) for n in names],
+    ckpt[HEADER_KEY] = CheckpointMeta(family=YOLO.name, model=model_name, classes=[str(n) for n in names],
                                       imgsz=int(imgsz)).to_dict()
     buf = io.BytesIO()
     torch.save(ckpt, buf)

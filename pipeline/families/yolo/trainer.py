@@ -18,7 +18,8 @@ import torch
 
 from pipeline.augment import PhotometricJitter
 from pipeline.fileio import atomic_write_json
-from pipeline.train.common import cpu_threads, frozen_groups_at, names_in_groups
+from pipeline.train.devices import cpu_threads
+from pipeline.train.strategies import frozen_groups_at, names_in_groups
 from pipeline.train.weights_import import transfer_state_dict
 from pipeline.ultralytics_env import import_ultralytics
 
