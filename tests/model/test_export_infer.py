@@ -252,7 +252,7 @@ def test_an_image_is_never_padded_to_a_batch_mates_canvas(exported: dict[str, Pa
     from PIL import Image
 
     from pipeline.evaluate.predict import TorchDetector
-    from pipeline.infer import OnnxDetector
+    from pipeline.infer.engine import OnnxDetector
     from pipeline.infer.processing import shape_groups
 
     engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
