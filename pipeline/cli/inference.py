@@ -9,22 +9,24 @@ import typer
 
 from pipeline.cli.common import (
     OnnxModelOpt,
+    ParamsOpt,
     ProvidersOpt,
     QuietOpt,
+    SetOpt,
     check_io,
+    model_params,
     progress_on,
     threshold_option,
     writable,
 )
-from pipeline.errors import DetflowError
+from pipeline.errors import ConfigError, DetflowError
 
 app = typer.Typer()
 
 
 @app.command()
 def adapt(
-    source: Annotated[Path, typer.Argument(help="unlabelled images of the new site: folder, image, .txt list or "
-                                           "COCO .json")],
+    source: Annotated[Path, typer.Argument(help="images of the new site: folder, image, .txt list or COCO .json")],
     model: OnnxModelOpt = Path("models/model.onnx"),
     out: Annotated[Path, typer.Option(help="adapted model folder (model.onnx + model_card.json)")] = Path(
         "models/adapted"),
@@ -36,24 +38,83 @@ def adapt(
     conf: Annotated[float | None, typer.Option(callback=threshold_option, help="score threshold of the detections "
                                                "whose sizes are compared (default: the card's)")] = None,
     max_images: Annotated[int, typer.Option(help="target images used (in name order)")] = 64,
+    labels: Annotated[Path | None, typer.Option(help="few-shot: labels of some SOURCE images (COCO .json, VOC, "
+                                                "YOLO or DICOM+CSV); fine-tunes the model on --shots of them")] = None,
+    shots: Annotated[int | None, typer.Option(help="few-shot: K, the number of labelled images to fine-tune on "
+                                              "(chosen deterministically; nested: the 5 are inside the 10)")] = None,
+    class_map: Annotated[str | None, typer.Option(help="few-shot: label -> model class, e.g. rbc=RBC,wbc=WBC "
+                                                  "(every label must map to a model class)")] = None,
+    format_: Annotated[str, typer.Option("--format", help="few-shot: labels format: auto, voc, coco, yolo, "
+                                         "dicom_csv")] = "auto",
+    checkpoint: Annotated[Path | None, typer.Option(help="few-shot: the checkpoint the model was exported from "
+                                                    "(default: the one its card names)")] = None,
+    with_scale: Annotated[bool, typer.Option("--with-scale", help="few-shot: first choose the label-free input "
+                                             "scale on SOURCE, then fine-tune and run at it")] = False,
+    steps: Annotated[int | None, typer.Option(help="few-shot: optimizer steps (default 100)")] = None,
+    seed: Annotated[int, typer.Option(help="few-shot: seed of the K-image order")] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Adapt a model to a new site without labels: known pixel size first, else the input scale whose predicted
-    object sizes match the training objects'. Writes a model folder that infer, serve and evaluate use as is."""
+    """Adapt a model to a new site. Without labels: known pixel size first, else the input scale whose predicted
+    object sizes match the training objects' (only when the shift test finds the site shifted and the criterion
+    can tell). With --labels/--shots: fine-tune on K labelled images of the site (train.strategy,
+    train.backbone_lr_mult from params). Writes a model folder that infer, serve and evaluate use as is."""
     from pipeline.adapt import adapt_model
     from pipeline.fileio import Write
 
     if not source.exists():
         raise DetflowError(f"adapt source {source} does not exist")
-    writable(out, "adapted model folder")
-    check_io([("source", source), ("model", model), ("model card", model.with_name("model_card.json"))],
+    few_shot = labels is not None or shots is not None
+    if few_shot:
+        if labels is None or shots is None:
+            raise DetflowError("few-shot adaptation needs both --labels (the annotations) and --shots (K)")
+        if pixel_size is not None or train_pixel_size is not None:
+            raise DetflowError("--pixel-size applies to label-free adaptation; with --labels, use --with-scale")
+    elif class_map is not None or checkpoint is not None or with_scale or steps is not None or format_ != "auto":
+        raise DetflowError("--class-map, --checkpoint, --with-scale, --steps and --format are few-shot options: "
+                           "give --labels and --shots too")
+    check_io([("source", source), ("model", model), ("model card", model.with_name("model_card.json")),
+              *([("labels", labels)] if labels is not None else []),
+              *([("checkpoint", checkpoint)] if checkpoint is not None else [])],
              [Write("adapted model folder", out, "tree", ours="model_card.json")])
+    if few_shot:
+        from pipeline.fewshot import FEW_SHOT_STEPS, few_shot_adapt
+        from pipeline.params import parse_class_map
+
+        assert labels is not None and shots is not None
+        try:
+            mapping = parse_class_map(class_map)  # as `detflow evaluate --class-map` parses it
+        except ValueError as e:
+            raise ConfigError(f"--class-map: {e}") from None
+        p = model_params(params, set_, folders={out: "adapted model folder"})
+        result = few_shot_adapt(model, source, labels, shots, out, p, checkpoint=checkpoint, class_map=mapping,
+                                fmt=format_, with_scale=with_scale, steps=FEW_SHOT_STEPS if steps is None else steps,
+                                seed=seed, progress=progress_on(quiet))
+        a = result.adaptation
+        t = a["training"]
+        scale = a["label_free_scale"]
+        typer.echo(f"adapt: few_shot, {a['n_images']} of {a['selection']['n_labelled_images']} labelled images "
+                   f"(K={a['shots']}, fingerprint {a['images_fingerprint'][:12]}), strategy {a['strategy']}, "
+                   f"backbone lr x{a['backbone_lr_mult']}, {t['steps']} steps ({t['epochs']} epochs x "
+                   f"{t['steps_per_epoch']}) at {t['imgsz']} px"
+                   + (f" (label-free input scale {scale['input_scale']:.4g})" if scale else "")
+                   + f" in {t['seconds']:.0f} s -> {out / 'model_card.json'}")
+        return
+    writable(out, "adapted model folder")
     result = adapt_model(model, source, out, pixel_size=pixel_size, train_pixel_size=train_pixel_size, conf=conf,
                          max_images=max_images)
     a = result.adaptation
     b, c = a["before"], a["after"]
-    typer.echo(f"adapt: {a['method']}, input scale {a['input_scale']:.4g} on {a['n_images']} images "
-               f"({a['n_skipped']} skipped); confident detections {b['detections']} -> {c['detections']} "
-               f"-> {out / 'model_card.json'}")
+    shift = a.get("shift") or {}
+    tested = f"; shift p = {shift['p_value']:.3g}" if shift.get("tested") else ""
+    if a["changed"] or a["method"] != "object_scale":
+        typer.echo(f"adapt: {a['method']}, input scale {a['input_scale']:.4g} on {a['n_images']} images "
+                   f"({a['n_skipped']} skipped{tested}); confident detections {b['detections']} -> "
+                   f"{c['detections']} -> {out / 'model_card.json'}")
+    else:
+        typer.echo(f"adapt: {a['method']}: model unchanged (input scale {a['input_scale']:.4g}) on {a['n_images']} "
+                   f"images ({a['n_skipped']} skipped): {a['reason']} -> {out / 'model_card.json'}")
 
 
 def _cluster(value: str | None) -> str | None:

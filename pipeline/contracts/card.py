@@ -101,6 +101,8 @@ class ModelCard(_Block):
     versions: dict[str, Any] | None = None
     embedding: dict[str, Any] | None = None  # the embedding output and its reference sample (shift detection)
     adaptation: dict[str, Any] | None = None  # written by `detflow adapt`
+    checkpoint: dict[str, Any] | None = None  # the checkpoint it was exported from (path or file, sha256): few-shot
+    source_model_metrics: dict[str, Any] | None = None  # few-shot adapted: the metrics of the model it came from
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -102,3 +102,22 @@ def take_count(order: Sequence[str], k: int) -> list[str]:
     if k > len(order):
         raise ValueError(f"asked for {k} units, but only {len(order)} are available")
     return list(order[:k])
+
+
+def take_images(order: Sequence[str], units: Sequence[Unit], k: int) -> list[str]:
+    """The shortest prefix of ``order`` holding at least ``k`` images (few-shot's K images when units are patients
+    with several images: a patient is taken whole, so none of its images is left to be scored); with one image per
+    unit it is :func:`take_count`."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"the number of images must be a positive integer, got {k!r}")
+    images = {u.id: u.images for u in units}
+    total = sum(images[i] for i in order)
+    if k > total:
+        raise ValueError(f"asked for {k} images, but only {total} are available")
+    taken, count = [], 0
+    for unit in order:
+        if count >= k:
+            break
+        taken.append(unit)
+        count += images[unit]
+    return taken

@@ -19,7 +19,7 @@ from pipeline.errors import DetflowError
 from pipeline.families import FAMILIES, FamilySpec, artifact_family
 from pipeline.families.backend import FamilyBackend, LoadedModel
 from pipeline.families.backends import backend_of
-from pipeline.infer.processing import preprocess
+from pipeline.infer.processing import preprocess, shape_groups
 from pipeline.ultralytics_env import configure_environment
 
 EXPECTED = "expected a PyTorch checkpoint written by `detflow train` (e.g. models/train/best.pt)"
@@ -71,6 +71,13 @@ class TorchDetector:
 
     def predict(self, images: list[np.ndarray], conf: float = 0.001, iou: float = 0.7,
                 max_det: int = 300) -> list[Detections]:
+        groups = shape_groups(images, self.imgsz, self.stride)
+        if len(groups) > 1:  # one call per canvas shape, as the engine (no padding to a larger batch-mate)
+            out: list[Detections | None] = [None] * len(images)
+            for idx in groups:
+                for i, d in zip(idx, self.predict([images[i] for i in idx], conf, iou, max_det), strict=True):
+                    out[i] = d
+            return [d for d in out if d is not None]
         batch, metas = preprocess(images, self.imgsz, stride=self.stride)
         calls = self.loaded.forward(batch)
         groups = [metas] if self.family.dynamic_batch else [[m] for m in metas]

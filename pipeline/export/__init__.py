@@ -327,6 +327,8 @@ def export_model(params: Params, model_path: Path, prepared: Path, reports: Path
         card["parity"] = {k: parity[k] for k in ("matched_fraction", "max_abs_box_diff_px", "max_abs_score_diff",
                                                  "map50_95_torch", "map50_95_onnx", "delta", "passed")}
         card["version"] = card["sha256"][:12]
+        # the checkpoint it was exported from: few-shot adaptation (`detflow adapt --labels`) fine-tunes from it
+        card["checkpoint"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
         card["embedding"] = _embedding_entry(onnx_det, onnx_path, prepared, work / REFERENCE_FILE,
                                              work / REFERENCE_GROUPS_FILE)
         validate_card(card, "the model card export built")  # the schema the engine and the service read

@@ -51,6 +51,14 @@ class FamilyBackend(ABC):
               raw_dir: Path, mirrors: list[Path] | None, trust: bool, progress: bool) -> TrainResult:
         """Fine-tune on a prepared dataset; publish best/last checkpoints (with the header) and reports."""
 
+    def train_few_shot(self, params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
+                       progress: bool, plain_last_epochs: int = 0) -> TrainResult:
+        """A short fine-tune from ``train.pretrained`` (a checkpoint of this task) on a few labelled images
+        (``detflow adapt --labels``, :mod:`pipeline.fewshot`): no warm-up, no per-epoch validation where the
+        family has them, the last ``plain_last_epochs`` epochs without mosaic where it mosaics. By default the
+        family's own training run."""
+        return self.train(params, prepared, out_dir, reports_dir, workdir, Path("data/raw"), None, False, progress)
+
     @abstractmethod
     def load(self, ckpt: Any, meta: CheckpointMeta, path: Path, device: str) -> LoadedModel:
         """A loaded checkpoint (already read by ``torch.load``) ready for inference; imports no training code."""

@@ -34,7 +34,7 @@ from pipeline.contracts.card import CardError, ModelCard, check_threshold, parse
 from pipeline.contracts.embedding import EMBEDDING_OUTPUT
 from pipeline.errors import DetflowError
 from pipeline.families import FAMILIES, FamilySpec, artifact_family
-from pipeline.infer.processing import Detections, InputScaling, preprocess
+from pipeline.infer.processing import Detections, InputScaling, preprocess, shape_groups
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,17 @@ class OnnxDetector:
         max_det = self.max_det if max_det is None else max_det
         if not images:
             return [], (np.empty((0, 0), np.float32) if embeddings else None)
+        groups = shape_groups(images, self.imgsz, self.stride, self.scaling)
+        if len(groups) > 1:  # one call per canvas shape: no image padded to a larger batch-mate's canvas
+            dets: list[Detections | None] = [None] * len(images)
+            rows: list[np.ndarray | None] = [None] * len(images)
+            for idx in groups:
+                d, e = self._predict([images[i] for i in idx], conf, iou, max_det, embeddings)
+                for j, i in enumerate(idx):
+                    dets[i] = d[j]
+                    rows[i] = e[j] if e is not None else None
+            emb = np.stack([r for r in rows if r is not None]) if embeddings else None
+            return [d for d in dets if d is not None], emb
         local = self._local.__dict__.setdefault("buffers", {})  # per thread: the service predicts from several
         batch, metas = preprocess(images, self.imgsz, self.input_dtype, stride=self.stride, buffers=local,
                                   scaling=self.scaling)

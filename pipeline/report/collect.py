@@ -331,6 +331,30 @@ def _flat(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix.rstrip("."), obj)]
 
 
+def site_adaptation(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """The site-adaptation curve of an external set (``bench/site_adaptation.py`` writes it beside the set's
+    metrics): mAP50 with its CI per K and recipe on the site's images not used for fine-tuning, and a chart."""
+    doc = _json(path, problems, "")
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        if doc is not None:
+            problems.append(f"{path} is not a site-adaptation result (no rows)")
+        return None
+    rows = [r for r in doc["rows"] if isinstance(r, dict)]
+    by_recipe: dict[str, list[tuple[float, float]]] = {}
+    zero = next((r for r in rows if r.get("k") == 0), None)
+    for r in rows:
+        if isinstance(r.get("k"), int) and r["k"] > 0 and _num(r.get("map50")) is not None:
+            by_recipe.setdefault(str(r.get("recipe")), []).append((r["k"], float(r["map50"])))
+    series = []
+    for recipe, points in by_recipe.items():
+        pts = sorted(points + ([(0, float(zero["map50"]))] if zero and _num(zero.get("map50")) is not None else []))
+        series.append((recipe, [p[0] for p in pts], [p[1] for p in pts]))
+    chart = charts.line_chart(series, "K labelled images of the site", "mAP50 (images not used)",
+                              "Few-shot curve", marker="o") if series else None
+    return {"rows": rows, "n_scored": doc.get("n_scored"), "n_labelled": doc.get("n_labelled"),
+            "shots": doc.get("shots"), "source_check": doc.get("source_check"), "chart": chart, "note": doc.get("note")}
+
+
 def generalisation_section(inp: ReportInputs, metrics: dict | None, card: dict | None) -> dict[str, Any]:
     """Internal vs external per class (from each ``reports/external/<name>/metrics.json``), the shift tests and the
     card's adaptation block, whichever exist."""
@@ -350,9 +374,11 @@ def generalisation_section(inp: ReportInputs, metrics: dict | None, card: dict |
         shift = None
         if (d / "shift.json").is_file():
             shift = _json(d / "shift.json", problems, "")
+        curve = site_adaptation(d / "site_adaptation.json", problems) if (d / "site_adaptation.json").is_file() \
+            else None
         externals.append({"name": d.name, "map50": ext.get("map50"), "ci": (ext.get("ci95") or {}).get("map50"),
                           "n_images": ext.get("n_images"), "rows": rows, "shift": shift, "problems": problems,
-                          "left_out": ext.get("classes_left_out") or ext.get("left_out")})
+                          "left_out": ext.get("classes_left_out") or ext.get("left_out"), "adaptation": curve})
     gen_problems: list[str] = []
     gen = _json(inp.reports / "generalisation.json", gen_problems, "") if (
         inp.reports / "generalisation.json").is_file() else None

@@ -256,3 +256,30 @@ def test_dvc_plots_show_draws_offline(exported: dict[str, Path], tmp_path: Path)
     n_plots = len(re.findall(r'<div id = "', page.read_text()))
     assert seen["dom"].count('class="marks"') >= n_plots - 1 > 0  # every Vega plot drew its canvas
     open_in_chromium(page, tmp_path, screenshot=tmp_path / "dvc_plots.png", height=1400)
+
+
+def test_site_adaptation_curve_of_an_external_set(exported: dict[str, Path], tmp_path: Path) -> None:
+    """bench/site_adaptation.py's result beside an external set's metrics: the section shows every K and recipe
+    with the file's numbers, and the curve."""
+    reports = tmp_path / "reports"
+    shutil.copytree(exported["reports"], reports)
+    site = reports / "external" / "lab2"
+    site.mkdir(parents=True)
+    (site / "metrics.json").write_text(json.dumps({"map50": 0.7, "ci95": {"map50": [0.6, 0.8]}, "n_images": 30,
+                                                   "per_class": {"nodule": {"ap50": 0.7}}}))
+    rows = [{"k": None, "recipe": "source model, unadapted", "map50": 0.70, "ci95": [0.6, 0.8]},
+            {"k": 0, "recipe": "label-free", "map50": 0.75, "ci95": [0.65, 0.85],
+             "adaptation": {"method": "object_scale", "input_scale": 0.6154, "changed": True}}]
+    rows += [{"k": k, "recipe": r, "map50": 0.75 + k / 100 + (0.01 if r == "fine_tune" else 0),
+              "ci95": [0.7, 0.95]} for r in ("feature_extraction", "fine_tune") for k in (5, 10, 20)]
+    (site / "site_adaptation.json").write_text(json.dumps({"rows": rows, "n_scored": 30, "n_labelled": 50,
+                                                           "shots": [5, 10, 20]}))
+    out = tmp_path / "report.html"
+    render(exported["root"], reports, exported["root"] / "models", out, None)
+    html = out.read_text()
+    table = parse(html).where(data_external="lab2")
+    shown = [(json.loads(a["data-k"]), a["data-recipe"], json.loads(a["data-value"]))
+             for _, a in parse(html).tagged if "data-recipe" in a]
+    assert table and shown == [(r["k"], r["recipe"], r["map50"]) for r in rows]
+    assert "mAP50 on the 30 labelled images of the site that no fine-tuning used (of 50)" in html
+    assert "Few-shot curve" in html and "input scale 0.615" in html

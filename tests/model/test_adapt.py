@@ -118,9 +118,14 @@ def test_scaling_sets_the_letterbox_target() -> None:
     assert batch.shape == (1, 3, 320, 416) and meta.scale == pytest.approx(416 / 640)
     half = InputScaling(scale=0.5)
     batch, (meta,) = preprocess([im], 416, stride=32, scaling=half)
-    assert batch.shape == (1, 3, 160, 224) and meta.scale == pytest.approx(208 / 640)  # 208 padded to 224
+    # 208 is rounded to the stride (224), so the long side fills the canvas: no grey border beside it
+    assert batch.shape == (1, 3, 192, 224) and meta.scale == pytest.approx(224 / 640) and meta.pad_x == 0
     batch, (meta,) = preprocess([im], 416, stride=32, scaling=InputScaling(scale=1.5))
-    assert batch.shape == (1, 3, 480, 640) and meta.scale == pytest.approx(624 / 640)
+    assert batch.shape == (1, 3, 480, 640) and meta.scale == pytest.approx(640 / 640)  # 624 -> 640
+    sq = np.full((256, 256, 3), 100, np.uint8)
+    for s in (0.69, 0.728, 0.75, 0.769):  # the issue's bordered scales: every one fills its canvas now
+        batch, (meta,) = preprocess([sq], 416, stride=32, scaling=InputScaling(scale=s))
+        assert batch.shape[2] == batch.shape[3] == round(416 * s / 32) * 32 and meta.pad_x == meta.pad_y == 0
     # a fixed square input (Faster R-CNN): smaller inside the same input; magnification capped at 1
     batch, (meta,) = preprocess([im], 256, stride=0, scaling=half)
     assert batch.shape == (1, 3, 256, 256) and meta.scale == pytest.approx(128 / 640)
@@ -201,7 +206,7 @@ def test_adapt_site_b_dicom_uses_the_pixel_spacing(exported: dict[str, Path], tm
     assert decode_path(dcm).pixel_spacing == pytest.approx(0.5)
     long_side = card["training_data"]["image_long_side_px"]
     assert target_size(rgb, 64, engine.scaling, fixed=False, stride=engine.stride) == \
-        round(64 * 0.5 * max(rgb.shape[:2]) / (0.7 * long_side))
+        max(1, round(64 * 0.5 * max(rgb.shape[:2]) / (0.7 * long_side) / 32)) * 32  # to the stride
     train_dcm = sorted(exported["phantom"].rglob("*.dcm"))[0]  # site A: exactly as in training
     assert target_size(engine.decode(train_dcm).rgb, 64, engine.scaling, fixed=False, stride=engine.stride) == 64
     summary = run_batch(engine, site_b, tmp_path / "pred", batch=4, progress=False)  # batch infer reads the card
@@ -232,16 +237,73 @@ def test_adapt_pixel_size_for_images_without_tags(exported: dict[str, Path], tmp
     assert groups is not None and len(groups) == len(ref)
 
 
-def test_adapt_object_scale_on_the_tiny_model(exported: dict[str, Path], tmp_path: Path) -> None:
-    """Unshifted images keep scale 1 (or the model is too weak to calibrate: then one clear line)."""
+def test_adapt_leaves_an_unshifted_site_unchanged_and_says_so(exported: dict[str, Path], tmp_path: Path) -> None:
+    """The training site's own images: the shift test finds no shift, so no scale is searched, the adapted folder
+    is the base model at input scale 1, and both the output and the card say why."""
+    from pipeline.infer.engine import OnnxDetector
+
     images = exported["prepared"] / "images"
     r = _adapt(images, "--model", exported["onnx"], "--out", tmp_path / "a", "--conf", "0.01", cwd=tmp_path)
-    if r.returncode:
-        assert r.returncode == 1 and r.stderr.startswith("error: the model made fewer than 5 confident")
-        assert "Traceback" not in r.stderr
-        return
+    assert r.returncode == 0, r.stdout + r.stderr
     a = json.loads((tmp_path / "a" / "model_card.json").read_text())["adaptation"]
-    assert a["method"] == "object_scale" and a["scores"]["1.0"]["detections"] >= 0
+    assert a["method"] == "object_scale" and a["changed"] is False and a["input_scale"] == 1.0
+    assert a["shift"]["tested"] and not a["shift"]["shifted"] and a["shift"]["p_value"] >= 0.05
+    assert a["scores"] is None and a["criterion"] is None  # nothing searched
+    assert a["reason"].startswith("the shift test finds no shift from the training images (p = ")
+    assert r.stdout.startswith("adapt: object_scale: model unchanged (input scale 1) on 24 images (0 skipped): "
+                               "the shift test finds no shift")
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == exported["onnx"].read_bytes()
+    adapted = OnnxDetector(tmp_path / "a" / "model.onnx", providers="CPUExecutionProvider").scaling
+    assert adapted == OnnxDetector(exported["onnx"], providers="CPUExecutionProvider").scaling  # the base's
+
+
+def test_stride_grid_holds_every_canvas_once() -> None:
+    from pipeline.adapt import stride_grid
+
+    grid = stride_grid(416, 32)
+    assert grid[0] == round(7 * 32 / 416, 4) and grid[-1] == 2.0 and 1.0 in grid and len(grid) == 20
+    sq = np.zeros((256, 256, 3), np.uint8)
+    targets = [target_size(sq, 416, InputScaling(scale=s), fixed=False, stride=32) for s in grid]
+    assert targets == [32 * k for k in range(7, 27)]  # each stride multiple once, none skipped
+    assert stride_grid(64, 32) == (0.5, 1.0, 1.5, 2.0)
+
+
+def test_guard_keeps_one_unless_shifted_and_decisive() -> None:
+    from pipeline.adapt import ScaleChoice, guarded_scale
+
+    shifted = {"tested": True, "shifted": True, "p_value": 0.001, "alpha": 0.05}
+    calm = {"tested": True, "shifted": False, "p_value": 0.4, "alpha": 0.05}
+    untested = {"tested": False, "reason": "no embeddings"}
+    pick = ScaleChoice(scale=0.7, scores={})
+    assert guarded_scale(shifted, pick, {"decisive": True, "share_closer": 1.0}) == (0.7, None)
+    assert guarded_scale(untested, pick, {"decisive": True, "share_closer": 0.99}) == (0.7, None)
+    scale, why = guarded_scale(calm, None, None)
+    assert scale == 1.0 and why.startswith("the shift test finds no shift from the training images (p = 0.4")
+    scale, why = guarded_scale(shifted, pick, {"decisive": False, "share_closer": 0.81})
+    assert scale == 1.0 and why == ("the size criterion cannot tell input scale 0.7 from 1: it is closer to the "
+                                    "training sizes in 81% of bootstrap resamples of the images (needs 95%); the "
+                                    "model is left unchanged")
+    scale, why = guarded_scale(shifted, ScaleChoice(scale=1.0, scores={}), None)
+    assert scale == 1.0 and why.startswith("the site is shifted, but no input scale matches")
+
+
+def test_criterion_confidence_tells_a_real_size_change_from_noise() -> None:
+    from pipeline.adapt import criterion_confidence
+
+    reference, _ = _reference(median=20.0)
+    rng = np.random.default_rng(1)
+
+    def images(median: float, n: int = 32) -> list[dict[str, np.ndarray]]:
+        return [{"cell": rng.lognormal(math.log(median), 0.15, 12), "other": np.array([])} for _ in range(n)]
+
+    clear = criterion_confidence(images(28.0), images(20.0), reference)  # 1.0 is 40 % off, the choice on target
+    assert clear["decisive"] and clear["share_closer"] == 1.0 and clear["improvement_lower"] > 0.2
+    noise = criterion_confidence(images(20.5), images(20.2), reference)  # both as close as sampling allows
+    assert not noise["decisive"] and noise["share_closer"] < 0.95
+    few = criterion_confidence(images(28.0, n=1)[:1] * 0, images(20.0, n=1)[:1] * 0, reference)
+    assert not few["decisive"]  # nothing to measure: cannot tell
+    groups = ["p1"] * 16 + ["p2"] * 16  # two patients: the bootstrap resamples 2 units, not 32 images
+    assert criterion_confidence(images(28.0), images(20.0), reference, groups)["units"] == 2
 
 
 def test_adapt_card_without_sizes_is_one_clear_line(exported: dict[str, Path], tmp_path: Path) -> None:

@@ -244,3 +244,30 @@ def test_gate_failure_blocks_export(exported: dict[str, Path], tmp_path: Path) -
     with pytest.raises(DetflowError, match="gate did not pass"):
         export_model(load_params(None, TINY), exported["best"], exported["prepared"], reports, tmp_path / "models")
     assert not (tmp_path / "models" / "model.onnx").exists()
+
+
+def test_an_image_is_never_padded_to_a_batch_mates_canvas(exported: dict[str, Path]) -> None:
+    """A batch of mixed shapes is run one canvas shape at a time: each image's detections are those it gets alone
+    (a grey border from a larger batch-mate would change what the model finds at its edges)."""
+    from PIL import Image
+
+    from pipeline.evaluate.predict import TorchDetector
+    from pipeline.infer.engine import OnnxDetector
+    from pipeline.infer.processing import shape_groups
+
+    engine = OnnxDetector(exported["onnx"], providers="CPUExecutionProvider")
+    files = sorted((exported["prepared"] / "images" / "test").iterdir())[:2]
+    full = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    mixed = [full[0], np.ascontiguousarray(full[1][:, 60:160]), full[1]]  # 256x256, 256x100, 256x256
+    assert shape_groups(mixed, engine.imgsz, engine.stride) == [[0, 2], [1]]
+    torch_det = TorchDetector.load(exported["best"])
+    for det in (engine, torch_det):
+        together = det.predict(mixed, conf=0.001)
+        alone = [det.predict([im], conf=0.001)[0] for im in mixed]
+        assert len(together) == 3
+        for a, b in zip(together, alone, strict=True):
+            assert len(a) == len(b) and np.allclose(a.boxes, b.boxes, atol=1e-3) and np.allclose(a.scores, b.scores,
+                                                                                                  atol=1e-5)
+    dets, emb = engine.predict_with_embeddings(mixed)
+    single = np.concatenate([engine.predict_with_embeddings([im])[1] for im in mixed])
+    assert emb.shape == single.shape and np.allclose(emb, single, atol=1e-4)  # rows stay in input order

@@ -108,7 +108,8 @@ def test_progressive_run_and_lr_groups(tmp_path: Path, tiny_prepared: Path, mirr
     assert last["optimizer"] is None  # finished runs are stripped by Ultralytics: not resumable
 
 
-def test_lr_groups_split_pretrained_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW", "Adam"])  # AdamW: Ultralytics' "auto" for small datasets
+def test_lr_groups_split_pretrained_layers(tmp_path: Path, optimizer: str) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     from pipeline.families.yolo.trainer import DetflowDetectionTrainer
@@ -118,7 +119,8 @@ def test_lr_groups_split_pretrained_layers(tmp_path: Path) -> None:
     trainer = DetflowDetectionTrainer.__new__(DetflowDetectionTrainer)
     trainer.detflow = {"backbone_lr_mult": 0.1, "transferred_params": pretrained}
     trainer.args = SimpleNamespace(nbs=64, batch=16)
-    opt = DetflowDetectionTrainer.build_optimizer(trainer, model, name="SGD", lr=0.01, momentum=0.9, decay=5e-4)
+    opt = DetflowDetectionTrainer.build_optimizer(trainer, model, name=optimizer, lr=0.01, momentum=0.9, decay=5e-4)
+    assert type(opt).__name__ == optimizer
     owner = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
         names = [owner[id(p)] for p in group["params"]]

@@ -32,6 +32,14 @@ class YoloBackend(FamilyBackend):
 
         return train_yolo(params, prepared, out_dir, reports_dir, workdir, raw_dir, mirrors, trust, progress)
 
+    def train_few_shot(self, params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
+                       progress: bool, plain_last_epochs: int = 0) -> TrainResult:
+        from pipeline.families.yolo.train import train_yolo
+
+        return train_yolo(params, prepared, out_dir, reports_dir, workdir, progress=progress,
+                          ultralytics_args={"warmup_epochs": 0, "val": False, "close_mosaic": plain_last_epochs,
+                                            "plots": False})
+
     def load(self, ckpt: Any, meta: CheckpointMeta, path: Path, device: str) -> LoadedModel:
         from pipeline.families.yolo.inference import load_yolo
 

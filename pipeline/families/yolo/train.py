@@ -65,8 +65,11 @@ def _resumable(last: Path) -> int | None:
 
 def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path, workdir: Path,
                raw_dir: Path = Path("data/raw"), mirrors: list[Path] | None = None, trust: bool = False,
-               progress: bool = True) -> TrainResult:
-    """Fine-tune an Ultralytics YOLO model on the prepared dataset; write best/last weights and reports."""
+               progress: bool = True, ultralytics_args: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune an Ultralytics YOLO model on the prepared dataset; write best/last weights and reports.
+
+    ``ultralytics_args``: trainer arguments that override detflow's (few-shot fine-tuning: no warm-up, no
+    per-epoch validation; see :mod:`pipeline.fewshot`); they are part of the run's fingerprint."""
     tp = params.train
     validate_schedule(tp)
     device = resolve_device(tp.device)
@@ -79,7 +82,9 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
     pretrained, state = resolve_pretrained(tp, raw_dir, mirrors, trust)
     if pretrained.note:
         log.warning(pretrained.note)
-    fingerprint = run_fingerprint(tp, info["manifest_sha256"], pretrained.sha256)
+    extra = dict(ultralytics_args or {})
+    fingerprint = run_fingerprint(tp, info["manifest_sha256"] + (json.dumps(extra, sort_keys=True) if extra else ""),
+                                  pretrained.sha256)
     run_dir = (workdir / f"yolo-{fingerprint}").resolve()
     last = run_dir / "weights" / "last.pt"
     resume_epoch = _resumable(last) if tp.resume == "auto" else None
@@ -100,7 +105,11 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
             atomic_write_bytes(state_path, buf.getvalue())
         probe = YOLO(f"{tp.model}.yaml").model  # to learn which names will actually transfer
         target = probe.state_dict()
-        transferred = [k for k, v in state.items() if k in target and target[k].shape == v.shape]
+        # backbone_lr_mult is for the pretrained layers below the head: a source whose head transfers too (a
+        # detflow checkpoint with the same classes, few-shot) keeps the full learning rate on its head
+        head = tuple(prefixes["head"])
+        transferred = [k for k, v in state.items()
+                       if k in target and target[k].shape == v.shape and not k.startswith(head)]
     spec = {
         "run_dir": str(run_dir), "strategy": tp.strategy, "unfreeze_at": list(tp.unfreeze_at),
         "backbone_lr_mult": tp.backbone_lr_mult, "group_prefixes": prefixes,
@@ -125,6 +134,7 @@ def train_yolo(params: Params, prepared: Path, out_dir: Path, reports_dir: Path,
         amp=device != "cpu", plots=True, verbose=False, nbs=tp.nominal_batch,
         freeze=[int(p.split(".")[1]) for g in initial_frozen for p in prefixes[g]] or None,
     )
+    args.update(extra)
     if resume_epoch is not None:
         log.warning("resuming interrupted training from %s (epoch %d done)", last, resume_epoch + 1)
         model = YOLO(str(last))

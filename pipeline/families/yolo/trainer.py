@@ -171,7 +171,12 @@ def _build_trainer_class() -> type:
                     groups.append({**rest, "params": new})
                 if old:
                     groups.append({**rest, "params": old, "lr": rest["lr"] * mult})
-            return type(optimizer)(groups, **optimizer.defaults)
+            # the defaults the constructor takes: torch's AdamW lists `decoupled_weight_decay` in its defaults (it
+            # is an Adam with that flag set) but does not accept it, so passing them all failed for AdamW
+            import inspect
+
+            accepted = inspect.signature(type(optimizer).__init__).parameters
+            return type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
     DetflowDetectionTrainer.__qualname__ = "DetflowDetectionTrainer"
     return DetflowDetectionTrainer
