@@ -146,7 +146,13 @@ def read_labelled_site(params: Params, source: Path, labels: Path, fmt: str, cla
         raise FewShotError(f"--labels {labels} does not exist")
     index, items = _source_index(source)
     staged = _stage_coco(labels, source, work) if labels.is_file() and labels.suffix.lower() == ".json" else labels
-    lenient = params.model_copy(update={"prepare": params.prepare.model_copy(update={"max_bad_fraction": 1.0})})
+    # The staged COCO copy links each labelled image to its file in SOURCE (links this function made, each checked to
+    # stay inside the stage): reading through them is reading SOURCE, which the user named, so the dataset-root rule
+    # (data.allow_outside_root) is satisfied by construction here; labels in other formats are read in place.
+    lenient = params.model_copy(update={
+        "prepare": params.prepare.model_copy(update={"max_bad_fraction": 1.0}),
+        "data": params.data.model_copy(update={"allow_outside_root": staged != labels
+                                               or params.data.allow_outside_root})})
     gt, report = read_external(lenient, str(staged), fmt, work / "labelled", work / "data_validation.json",
                                progress=False)
     missing = [p for p in report.get("problems", []) if p.get("kind") == "missing_image"]
