@@ -320,5 +320,5 @@ def test_run_report_lists_the_class_codes(exported: dict[str, Path], tmp_path: P
     render(exported["root"], exported["reports"], exported["root"] / "models", out, exported["phantom"])
     html = out.read_text()
     page = parse(html)
-    assert page.by_id("class-codes") is not None and page.where(data_class="nodule")
+    assert page.by_id("class-codes") is not None and page.where(data_code_class="nodule")
     assert "27925004" in html and "DICOM PS3.16" in html and "Trained on DICOM modalities: CT" in html
