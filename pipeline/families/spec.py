@@ -45,6 +45,9 @@ class FamilySpec(ABC):
     #: How ``train.device`` "0,1" / "cpu:N" trains: "torchrun" (detflow starts the ranks and the family's loop uses
     #: pipeline/train/distributed.py), "own" (the family's trainer runs its own DDP for GPU lists), "none" (refused).
     data_parallel: ClassVar[str] = "none"
+    #: The trainer accumulates gradients to ``train.nominal_batch`` (one optimizer step per nominal batch), as
+    #: Ultralytics does with ``nbs``; False: one step per batch.
+    accumulates_to_nominal_batch: ClassVar[bool] = False
 
     @abstractmethod
     def card_output(self, model: str, classes: list[str]) -> dict[str, Any]:

@@ -235,7 +235,9 @@ def check_coco_weights(params: Any, raw_dir: Path, mirrors: list[Path] | None) -
 def steps_per_epoch(family: str, images: int, batch: int, nominal_batch: int) -> int:
     """Optimizer steps of one epoch over ``images`` images (see the module docstring)."""
     batches = math.ceil(images / batch)
-    accumulate = max(round(nominal_batch / batch), 1) if family == "yolo" else 1
+    from pipeline.families import get_family
+
+    accumulate = max(round(nominal_batch / batch), 1) if get_family(family).accumulates_to_nominal_batch else 1
     return max(1, math.ceil(batches / accumulate))
 
 

@@ -102,7 +102,8 @@ def test_kill_between_the_commit_renames_rolls_forward(tmp_path: Path, small_pha
                                                        monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
     """Kill at each rename of the commit (the journal, the dataset folder exchanged, the report): after recovery
     the pair is the new one, with no leftovers, and the dataset folder never stopped existing. Random SIGKILLs
-    rarely land in this window; this hits every step (a real SIGKILL at every rename: tests/model/test_publish_kill.py)."""
+    rarely land in this window; this hits every step (a real SIGKILL at every rename:
+    tests/model/test_publish_kill.py)."""
     out, report = tmp_path / "data" / "prepared", tmp_path / "reports" / "dv.json"
     prepare_dataset(load_params(None, []), out, report, phantom_dir=small_phantom, progress=False)
     new = _expected_hash(small_phantom, 4, tmp_path / "scratch")

@@ -75,7 +75,8 @@ def test_ultralytics_ddp_ranks_get_detflow_callbacks_once(exported: dict[str, Pa
     ranks = {r: json.loads(_run(RANK, state, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"}))
              for r in (0, 1)}
     main = {e: fns for e, fns in ranks[0].items() if fns}
-    assert main == {"on_train_start": ["_set_cpu_threads", "_open_bar"],
+    assert main == {"on_train_start": ["_set_cpu_threads", "_start_budget", "_open_bar"],
+                    "on_model_save": ["_record_budget"],
                     "on_train_epoch_start": ["_apply_freeze_schedule", "_epoch_started"],
                     "on_train_batch_end": ["_pin_frozen_ema"],
                     "on_fit_epoch_end": ["_log_epoch", "_advance_bar"],

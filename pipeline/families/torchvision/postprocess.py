@@ -16,7 +16,7 @@ def torchvision_postprocess(boxes: np.ndarray, scores: np.ndarray, labels: np.nd
     thresholded and sorted. A number: the graph stops before NMS (``nms: detflow``), and class-aware NMS at that IoU
     follows here, as :func:`pipeline.families.yolo.postprocess.yolo_postprocess` does it (boxes offset per class).
     """
-    keep = scores > conf
+    keep = (scores > conf) & (labels > 0)  # label 0 is the background: RetinaNet's head can score it, it is no box
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     if nms_iou is not None and len(scores):
         offset = labels[:, None].astype(np.float64) * (float(np.abs(boxes).max()) + 1.0)

@@ -36,6 +36,7 @@ class YoloSpec(FamilySpec):
     coco_assets = {"yolov5n": "yolov5n-coco", "yolo11n": "yolo11n-coco", "yolo11s": "yolo11s-coco"}
     export_params = YoloExport
     dynamic_batch = True
+    accumulates_to_nominal_batch = True  # Ultralytics' nbs: one optimizer step per nominal batch
     data_parallel = "own"  # train.device "0,1": Ultralytics' own DDP (device=[0,1]); no CPU data parallelism
 
     def card_output(self, model: str, classes: list[str]) -> dict[str, Any]:

@@ -115,8 +115,9 @@ def _build_trainer_class() -> type:
             main = RANK in (-1, 0)
             self.budget_steps, self.budget_mark = 0, 0.0
             self.add_callback("on_train_start", _set_cpu_threads)
-            self.add_callback("on_train_start", _start_budget)
-            self.add_callback("on_model_save", _record_budget)
+            if main:  # the run's cost (optimizer steps, seconds) is recorded beside rank 0's checkpoints only
+                self.add_callback("on_train_start", _start_budget)
+                self.add_callback("on_model_save", _record_budget)
             self.add_callback("on_train_epoch_start", _apply_freeze_schedule)  # every rank: requires_grad
             self.add_callback("on_train_batch_end", _pin_frozen_ema)
             if main:  # DVCLive metrics from rank 0 only (Ultralytics runs on_fit_epoch_end on every rank)
