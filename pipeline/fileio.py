@@ -425,6 +425,15 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but empty folders and DVC's own ``.gitignore`` files (what a DVC checkout or
+    experiment workspace leaves where a stage's outs will go, after DVC removed the outs themselves)."""
+    for _, _dirs, files in os.walk(folder):
+        if any(f != ".gitignore" for f in files):
+            return True
+    return False
+
+
 def check_outputs(reads: Iterable[tuple[str, str | os.PathLike[str]]], writes: Iterable[Write]) -> None:
     """Refuse, before any work, outputs that touch what the command did not create (issue 20).
 
@@ -455,6 +464,6 @@ def check_outputs(reads: Iterable[tuple[str, str | os.PathLike[str]]], writes: I
             continue
         if not wr.is_dir():
             raise OverlapError(f"{w.what} {w.path} is a file, not a folder; refusing to replace it")
-        if w.ours is not None and any(wr.iterdir()) and not (wr / w.ours).exists():
+        if w.ours is not None and _holds_files(wr) and not (wr / w.ours).exists():
             raise OverlapError(f"{w.what} {w.path} holds files detflow did not write there (no {w.ours}); refusing to "
                                "replace it: choose another location or empty it yourself")
