@@ -11,7 +11,7 @@ Budget rules (``study.epochs`` xor ``study.steps``), the same for every arm:
 - ``steps``: every arm gets at least ``steps`` optimizer steps, rounded up to whole epochs:
   ``epochs = ceil(steps / steps_per_epoch)``, ``steps_per_epoch = ceil(ceil(images / batch) / accumulate)`` with
   ``accumulate = max(round(nominal_batch / batch), 1)`` for yolo (Ultralytics' gradient accumulation) and 1 for
-  frcnn. Each arm's actual steps are counted by the trainer (``reports/train/metrics.json`` ``optimizer_steps``).
+  torchvision. Each arm's actual steps are counted by the trainer (``reports/train/metrics.json`` ``optimizer_steps``).
 
 Every arm sets ``train.patience=0`` (no early stop: the budget is the budget) and zeroes the promotion gate (an
 arm measures; it is not a promotion candidate).
