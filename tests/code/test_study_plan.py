@@ -40,7 +40,8 @@ def test_steps_rule_gives_every_arm_the_same_optimizer_steps() -> None:
     # another budget is another set of experiments: no name is shared with the epochs rule
     assert not {a.name for a in arms} & {a.name for a in study_arms(load_params(None, []), SIZES)}
     # gradient accumulation: nominal batch 64 at batch 16 is one optimizer step every 4 batches
-    assert steps_per_epoch("yolo", 205, 16, 64) == math.ceil(13 / 4) and steps_per_epoch("torchvision", 205, 16, 64) == 13
+    assert steps_per_epoch("yolo", 205, 16, 64) == math.ceil(13 / 4)
+    assert steps_per_epoch("torchvision", 205, 16, 64) == 13
 
 
 def test_overrides_read_back_the_same_in_yaml_and_hydra() -> None:
