@@ -69,6 +69,6 @@ def study_section(results: dict[str, Any] | None, source: Path | None = None) ->
 
 def render_study_page(results: dict[str, Any], source: Path | None = None) -> str:
     """``reports/study/report.html``: the study section alone, one self-contained page."""
-    from pipeline.report import render_page
+    from pipeline.report.render import render_page
 
     return render_page("study_page.html.j2", s=study_section(results, source))
