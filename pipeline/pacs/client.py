@@ -126,8 +126,8 @@ def tag_value(item: dict[str, Any], keyword: str) -> Any:
 
 
 class Pacs:
-    """A DICOMweb server: ``studies`` / ``series`` / ``instances`` (QIDO-RS), ``retrieve`` (WADO-RS, one instance
-    per request), ``has_instance`` (QIDO-RS by SOP Instance UID), ``store`` (STOW-RS)."""
+    """A DICOMweb server: ``studies`` / ``series`` / ``instances`` (QIDO-RS), ``iter_series`` (WADO-RS, one
+    streamed request per series), ``retrieve`` (WADO-RS, one instance per request), ``has_instance`` (QIDO-RS by SOP Instance UID), ``store`` (STOW-RS)."""
 
     def __init__(self, url: str, credentials: Credentials | None = None, *, verify: bool = True,
                  ca_bundle: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
@@ -251,6 +251,29 @@ class Pacs:
         with self._errors("retrieving an instance (WADO-RS)"):
             return self._client().retrieve_instance(study, series, sop_instance_uid,
                                                     media_types=(("application/dicom", "*"),))
+
+    def iter_series(self, study: str, series: str) -> Iterator[Any]:
+        """Every instance of a series in one streamed WADO-RS request (multipart), as stored: pydicom Datasets, one
+        at a time (the series is never held in memory). An instance that does not parse stops the stream with a
+        :class:`PacsError` (the caller retrieves what it did not get one by one); network trouble raises
+        :class:`PacsUnavailable` as for every request."""
+        import requests
+
+        action = "retrieving a series (WADO-RS)"
+        with self._errors(action):
+            parts = iter(self._client().iter_series(study, series, media_types=(("application/dicom", "*"),)))
+        while True:
+            with self._errors(action):
+                try:
+                    ds = next(parts)
+                except StopIteration:
+                    return
+                except requests.exceptions.RequestException:
+                    raise  # the network's: _errors names it
+                except Exception as e:  # noqa: BLE001 - pydicom on a part that is not DICOM
+                    raise PacsError(f"the PACS at {self.server} sent a part that does not parse while {action} "
+                                    f"({type(e).__name__})") from None
+            yield ds
 
     def store(self, study: str, dataset: Any) -> None:
         """STOW-RS one instance into ``study``; PacsError when the server lists it as failed."""

@@ -9,8 +9,9 @@ The path reads like MONAI Deploy's operators, one step per function, each with w
    a series of a modality the model was not trained on (the card's ``training_data.modalities``) is skipped
    ``untrained_modality`` unless ``force``; a series the ledger lists as finished is skipped ``done``; a series
    whose report the PACS already holds (same deterministic SR UID) is recorded and skipped ``found_in_pacs``;
-3. **infer**: WADO-RS retrieves instance by instance in the engine's worker threads (a series is never held in
-   memory, only its headers), the one decoder and the engine run on each;
+3. **infer**: one streamed WADO-RS request per series delivers its instances one at a time (a series is never held
+   in memory, only its headers; an instance the stream did not deliver is retrieved alone), the one decoder and the
+   engine run on each in the engine's worker threads;
 4. **write**: one SR per series (:mod:`pipeline.dicom.sr`); a series with an instance that could not be read gets
    none and is ``failed`` (its instances' problems are in the ledger): an SR that said "absent" about unread images
    would be a false negative;
@@ -202,6 +203,7 @@ class _Instance:
     plan: Plan
     sop: str
     header: Any = None
+    dataset: Any = None  # as the series stream delivered it; None: the worker retrieves the instance alone
 
 
 class PacsRunner:
@@ -336,18 +338,36 @@ class PacsRunner:
                                     Finished(ref.study, sr_uid, sr_series, how, n, detections), self.run_id)
         self._own_series.add(sr_series)
 
-    @staticmethod
-    def _items(plans: Iterable[Plan]) -> Iterator[_Instance]:
+    def _items(self, plans: Iterable[Plan]) -> Iterator[_Instance]:
+        """One item per listed image instance of each plan: those one streamed WADO-RS request of the series
+        delivers (one request per series, not per instance), then, one by one in the workers, any listed instance
+        the stream did not deliver (a part that did not parse, a series retrieve the PACS refused, an instance it
+        no longer holds), so each instance's own problem is recorded as before."""
         for plan in plans:
+            wanted = set(plan.sops)
+            try:
+                for ds in self.pacs.iter_series(plan.ref.study, plan.ref.series):
+                    sop = str(ds.get("SOPInstanceUID") or "")
+                    if sop in wanted:  # not an image instance QIDO listed (or already delivered): not ours
+                        wanted.discard(sop)
+                        yield _Instance(plan, sop, dataset=ds)
+            except (PacsUnavailable, PacsAuthError):
+                raise  # the run cannot go on
+            except PacsError as e:
+                log.debug("series stream of %s stopped (%s); the rest one by one", plan.ref.label, e)
             for sop in plan.sops:
-                yield _Instance(plan, sop)
+                if sop in wanted:
+                    yield _Instance(plan, sop)
 
     def _load(self, item: _Instance) -> Any:
-        """WADO-RS one instance and decode it (in an engine worker thread); the instance's own problems are
-        ImageLoadErrors (recorded, the series fails), the PACS's (unreachable, refused) stop the run."""
+        """Decode an instance the series stream delivered, or WADO-RS it alone first (in an engine worker thread);
+        the instance's own problems are ImageLoadErrors (recorded, the series fails), the PACS's (unreachable,
+        refused) stop the run."""
         ref = item.plan.ref
+        ds, item.dataset = item.dataset, None  # the stream's copy is decoded once, then dropped
         try:
-            ds = self.pacs.retrieve(ref.study, ref.series, item.sop)
+            if ds is None:
+                ds = self.pacs.retrieve(ref.study, ref.series, item.sop)
         except InstanceGone:
             raise ImageLoadError("instance_gone", "listed by QIDO-RS but not retrievable (deleted?)") from None
         except (PacsUnavailable, PacsAuthError):

@@ -341,6 +341,74 @@ def test_corrupt_instance_fails_its_series_only(orthanc: LocalOrthanc, models: d
     assert "1 series failed" in _one_error_line(again) and "1 done" in again.stdout  # retried, still broken
 
 
+def test_series_stream_falls_back_to_one_instance_at_a_time(orthanc: LocalOrthanc, models: dict[str, Path],
+                                                            data: dict[str, list[Path]], tmp_path: Path) -> None:
+    """Each series comes in one streamed WADO-RS request; when that stream stops early (a part that does not parse)
+    the instances it did not deliver are retrieved one by one and the reports are the same; an instance deleted
+    after QIDO-RS listed it is recorded as instance_gone and fails its series only."""
+    from pipeline.infer.engine import OnnxDetector
+    from pipeline.pacs.client import Credentials, Pacs, PacsError, tag_value
+    from pipeline.pacs.ledger import Ledger
+    from pipeline.pacs.run import PacsRunner
+
+    orthanc.upload(data["phantom"])
+    n_files = len(data["phantom"])
+
+    class Observed(Pacs):
+        """The real client over the real Orthanc; counts single retrieves, can cut a stream or delete an instance
+        between listing and retrieving, as a second user of the PACS would."""
+
+        def __init__(self, stop_after: int | None = None, delete_listed: bool = False) -> None:
+            super().__init__(orthanc.dicomweb, Credentials())
+            self.stop_after, self.delete_listed, self.alone, self.deleted = stop_after, delete_listed, 0, []
+
+        def instances(self, study: str, series: str) -> list[dict[str, Any]]:
+            listed = super().instances(study, series)
+            if self.delete_listed and not self.deleted:
+                sop = tag_value(listed[-1], "SOPInstanceUID")
+                (gone,) = [i for i in orthanc.instances() if i["MainDicomTags"]["SOPInstanceUID"] == sop]
+                orthanc._request("DELETE", f"/instances/{gone['ID']}")
+                self.deleted.append(series)
+            return listed
+
+        def iter_series(self, study: str, series: str) -> Any:
+            for i, ds in enumerate(super().iter_series(study, series)):
+                if i == self.stop_after:
+                    raise PacsError("a part that does not parse")
+                yield ds
+
+        def retrieve(self, study: str, series: str, sop: str) -> Any:
+            self.alone += 1
+            return super().retrieve(study, series, sop)
+
+    detector = OnnxDetector(models["pixel"], providers="CPUExecutionProvider")
+
+    def run(pacs: Observed, work: Path) -> tuple[Any, set[tuple[str, tuple[float, ...]]]]:
+        with Ledger(work) as ledger:
+            runner = PacsRunner(pacs, detector, ledger, workers=2, force=True)
+            summary = runner.run(*runner.find_series())
+        regions = {(r.sop_instance_uid, tuple(round(v, 3) for v in r.box)) for sr in reports(orthanc)
+                   for r in read_regions(sr)}
+        for sr in orthanc.instances("SR"):
+            orthanc._request("DELETE", f"/instances/{sr['ID']}")
+        return summary, regions
+
+    streamed = Observed()
+    a, regions_a = run(streamed, tmp_path / "a")
+    assert streamed.alone == 0 and not a.of("failed") and a.n_images == n_files  # one request per series
+    assert regions_a, "the pixel model finds the phantom's lesions"
+    cut = Observed(stop_after=1)
+    b, regions_b = run(cut, tmp_path / "b")
+    n_series = len(a.of("processed"))
+    assert cut.alone == n_files - n_series and b.n_images == n_files and not b.of("failed")
+    assert regions_b == regions_a
+    deleting = Observed(delete_listed=True)
+    c, _ = run(deleting, tmp_path / "c")
+    (failed,) = c.of("failed")
+    assert failed.ref.series == deleting.deleted[0] and "1 instance_gone" in failed.detail
+    assert len(c.of("processed")) == n_series - 1
+
+
 def test_document_only_study_is_skipped_and_counted(orthanc: LocalOrthanc, models: dict[str, Path],
                                                     data: dict[str, list[Path]], tmp_path: Path) -> None:
     orthanc.upload(data["pdf"] + data["air"])
