@@ -127,7 +127,8 @@ def tag_value(item: dict[str, Any], keyword: str) -> Any:
 
 class Pacs:
     """A DICOMweb server: ``studies`` / ``series`` / ``instances`` (QIDO-RS), ``iter_series`` (WADO-RS, one
-    streamed request per series), ``retrieve`` (WADO-RS, one instance per request), ``has_instance`` (QIDO-RS by SOP Instance UID), ``store`` (STOW-RS)."""
+    streamed request per series), ``retrieve`` (WADO-RS, one instance per request), ``has_instance`` (QIDO-RS by
+    SOP Instance UID), ``store`` (STOW-RS)."""
 
     def __init__(self, url: str, credentials: Credentials | None = None, *, verify: bool = True,
                  ca_bundle: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
