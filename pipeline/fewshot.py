@@ -137,7 +137,7 @@ def read_labelled_site(params: Params, source: Path, labels: Path, fmt: str, cla
                        classes: list[str], work: Path) -> LabelledSite:
     """Read ``labels`` (any supported format) into model classes and check them against SOURCE (module docstring)."""
     from pipeline.data.readers import FORMATS
-    from pipeline.evaluate.external import map_classes, read_external
+    from pipeline.evaluate.external import check_class_map, map_classes, read_external
     from pipeline.evaluate.stage import _read_rgb
 
     if fmt != "auto" and fmt not in FORMATS:
@@ -160,13 +160,8 @@ def read_labelled_site(params: Params, source: Path, labels: Path, fmt: str, cla
         names = ", ".join(str(p.get("file")) for p in missing[:3])
         raise FewShotError(f"--labels {labels} names {len(missing)} image(s) not found in SOURCE {source}: {names}"
                            f"{', ...' if len(missing) > 3 else ''}; label images of SOURCE only")
-    names = [c["name"] for c in gt["categories"]]
-    if bad := sorted({t for t in class_map.values() if t not in classes}):
-        raise FewShotError(f"--class-map: {', '.join(map(repr, bad))} is not a model class; the model's classes: "
-                           f"{', '.join(classes)}")
-    if bad := sorted(k for k in class_map if k not in names):
-        raise FewShotError(f"--class-map names label {', '.join(map(repr, bad))}, which {labels} does not have; its "
-                           f"labels: {', '.join(names) or 'none'}")
+    check_class_map(class_map, classes, [c["name"] for c in gt["categories"]], option="--class-map",
+                    holder=str(labels), errors=(FewShotError, FewShotError))
     labels_used = sorted({c["name"] for c in gt["categories"]
                           if any(a["category_id"] == c["id"] for a in gt["annotations"])})
     unknown = [lab for lab in labels_used if lab not in class_map and lab not in classes]

@@ -61,15 +61,24 @@ class GeneralisationResult:
     seconds: float
 
 
+def check_class_map(class_map: dict[str, str], model_classes: list[str], labels: list[str], *, option: str,
+                    holder: str, errors: tuple[type[Exception], type[Exception]]) -> None:
+    """A class map (label -> model class) must name model classes and labels the labelled set has: raises
+    ``errors[0]`` for a target that is not a model class, ``errors[1]`` for a label the set (``holder``) lacks.
+    ``option`` names the map in the message (``--class-map``, ``external set 'x': class map``)."""
+    if bad := sorted({t for t in class_map.values() if t not in model_classes}):
+        raise errors[0](f"{option} target {', '.join(map(repr, bad))} is not a model class; the model's classes: "
+                        f"{', '.join(model_classes)}")
+    if bad := sorted(k for k in class_map if k not in labels):
+        raise errors[1](f"{option} names label {', '.join(map(repr, bad))}, which {holder} does not have; its "
+                        f"labels: {', '.join(labels) or 'none'}")
+
+
 def map_classes(gt: dict, model_classes: list[str], class_map: dict[str, str], name: str) -> ClassMapping:
     """Relabel a COCO document to the model's classes (1-based ids in model order); see the module docstring."""
     labels = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
-    if bad := sorted({t for t in class_map.values() if t not in model_classes}):
-        raise ConfigError(f"external set {name!r}: class map target {', '.join(map(repr, bad))} is not a model "
-                          f"class; the model's classes: {', '.join(model_classes)}")
-    if bad := sorted(k for k in class_map if k not in labels):
-        raise DataError(f"external set {name!r}: class map names label {', '.join(map(repr, bad))}, which the set "
-                        f"does not have; its labels: {', '.join(labels) or 'none'}")
+    check_class_map(class_map, model_classes, labels, option=f"external set {name!r}: class map", holder="the set",
+                    errors=(ConfigError, DataError))
     index = {c: k for k, c in enumerate(model_classes)}
     target = {lab: class_map.get(lab, lab) for lab in labels}
     label_of = {c["id"]: c["name"] for c in gt["categories"]}

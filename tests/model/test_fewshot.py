@@ -181,7 +181,7 @@ CASES = [  # (with --labels, extra arguments, the line)
     (True, ["--shots", "99", "--class-map", "lesion=nodule"], "--shots 99 is more than the 16 usable labelled images"),
     (True, ["--shots", "2"], "label 'lesion' of {labels} is not a model class (nodule); map it with --class-map "
                              "(e.g. lesion=nodule)"),
-    (True, ["--shots", "2", "--class-map", "lesion=tumour"], "--class-map: 'tumour' is not a model class"),
+    (True, ["--shots", "2", "--class-map", "lesion=tumour"], "--class-map target 'tumour' is not a model class"),
     (True, ["--shots", "2", "--class-map", "lesion=nodule,cyst=nodule"], "--class-map names label 'cyst', which"),
     (True, ["--shots", "2", "--class-map", "lesion"], "--class-map: class map entry 'lesion' must look like"),
     (True, ["--shots", "0", "--class-map", "lesion=nodule"], "--shots must be a positive number of images, got 0"),
