@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.report import charts
+import pipeline.report.charts as charts
 
 MAX_PROBLEM_THUMBS = 8  # thumbnails of quarantined / fixed samples
 GATE_OPERATORS = {"max_regression": "<="}  # every other check passes at value >= threshold

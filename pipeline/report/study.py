@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import charts
+import pipeline.report.charts as charts
 
 
 def learning_curve_svg(results: dict[str, Any]) -> str | None:
